@@ -1,0 +1,1 @@
+"""HTTP edge: Litestar app factory, controllers, rendering, authentication, error mapping."""

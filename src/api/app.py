@@ -1,0 +1,79 @@
+"""The Litestar application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from api.access_log import access_log_middleware
+from api.auth import PUBLIC_PATHS, TokenAuthentication
+from api.controllers.common import provide_actor, provide_services
+from api.controllers.health import HealthController
+from api.controllers.identity import AuthController, TeamController, UserController
+from api.controllers.integrations import IntegrationController
+from api.controllers.sharing import SharingController
+from api.errors import EXCEPTION_HANDLERS
+from api.services import Services
+
+log = logging.getLogger("integrations.api")
+
+
+def create_app(services: Services) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(services.on_start)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(services.on_stop)
+
+    openapi = OpenAPIConfig(
+        title="Informer Integrations API",
+        version="1.0.0",
+        description="Integrations, sharing, connections and an authenticated request proxy (event-sourced).",
+        path="/schema",
+        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http", scheme="bearer", description="An API token from POST /api/users/{id}/tokens"
+                ),
+                "session": SecurityScheme(type="apiKey", name="integrations_session", security_scheme_in="cookie"),
+            }
+        ),
+        security=[{"bearer": []}, {"session": []}],
+    )
+    api = Router(
+        path="/",
+        route_handlers=[
+            IntegrationController,
+            SharingController,
+            UserController,
+            TeamController,
+            AuthController,
+        ],
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "actor": Provide(provide_actor, sync_to_thread=False),
+        },
+    )
+    return Litestar(
+        route_handlers=[api, HealthController],
+        lifespan=[lifespan],
+        state=State({"services": services}),
+        middleware=[access_log_middleware, DefineMiddleware(TokenAuthentication, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        openapi_config=openapi,
+        request_max_body_size=services.config.max_body_bytes,
+        debug=False,
+    )

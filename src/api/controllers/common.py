@@ -1,0 +1,98 @@
+"""What several controllers share: dependencies, id resolution, write responses, consistency."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Request, Response
+from litestar.datastructures import State
+from litestar.params import HeaderParameter
+
+from api.errors import ApiError
+from api.services import Services
+from commands.service import Written
+from domain.access import Actor
+from domain.errors import Conflict, NotFound
+
+POSITION_HEADER = "X-Event-Position"
+WaitFor = Annotated[int | None, HeaderParameter(name="X-Wait-For-Position", ge=0, required=False)]
+IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", required=False, max_length=100)]
+
+
+def provide_services(state: State) -> Services:
+    return state.services
+
+
+def provide_actor(request: Request[Actor, Any, State]) -> Actor:
+    return request.user
+
+
+def visible_to(actor: Actor) -> tuple[str, ...] | None:
+    """Principal ids for read-model filters; ``None`` means everything (superuser)."""
+    return None if actor.superuser else actor.principal_ids
+
+
+def consistent_read(services: Services, actor: Actor, wait_for: int | None = None) -> None:
+    """Before a read-model query: wait (bounded) until it includes the caller's own writes."""
+    position = max(filter(None, (services.writes.last(actor.id), wait_for)), default=None)
+    if position is not None and not services.waiter.wait(position, services.config.read_your_writes_timeout):
+        raise ApiError(503, "The read model is behind; retry shortly.", headers={"Retry-After": "1"})
+
+
+def resolve_integration(services: Services, actor: Actor, ident: str, wait_for: int | None = None) -> UUID:
+    """``{id}`` may be a UUID, ``ownerId:slug`` or a bare slug visible to the caller."""
+    try:
+        return UUID(ident)
+    except ValueError:
+        pass
+    if ":" in ident:
+        owner, _, slug = ident.rpartition(":")
+        found = services.app.find_integration_id(owner, slug)
+        if found is None:
+            raise NotFound("Integration not found.")
+        return found
+    consistent_read(services, actor, wait_for)
+    rows = services.listing.by_slug(ident, visible_to(actor))
+    if not rows:
+        raise NotFound("Integration not found.")
+    if len(rows) > 1:
+        candidates = sorted(f"{r['owner_id']}:{r['slug']}" for r in rows)
+        raise Conflict(
+            f"The slug '{ident}' is ambiguous; address the integration by ownerId:slug or id.",
+            {"candidates": candidates},
+        )
+    return UUID(str(rows[0]["id"]))
+
+
+def parse_if_match(value: str | None) -> int | None:
+    if value is None or value.strip() == "*":
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise ApiError(400, 'If-Match must be a version ETag such as "3".')
+    return int(tag)
+
+
+def write_response(
+    services: Services,
+    actor: Actor,
+    written: Written[Any],
+    content: Any,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    wait: bool = False,
+) -> Response[Any]:
+    """Answer a command; remember its position so the caller's next read includes it.
+
+    ``wait`` makes the answer itself wait for the read models (identity changes: a new token
+    or membership must work on the very next request, even on another connection).
+    """
+    services.writes.record(actor.id, written.position)
+    out = dict(headers or {})
+    if written.position is not None:
+        out[POSITION_HEADER] = str(written.position)
+        if wait:
+            services.waiter.wait(written.position, services.config.read_your_writes_timeout)
+    return Response(content=content, status_code=status, headers=out)

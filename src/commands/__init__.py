@@ -1,0 +1,1 @@
+"""Command messages and their handlers (the eventsourcing Application), plus ports to the outside."""

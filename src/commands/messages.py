@@ -1,0 +1,116 @@
+"""Command messages: msgspec Structs, used as the HTTP request bodies too (camelCase on the wire).
+
+Types, lengths and unknown fields are checked here when the body is decoded; the domain checks
+the rules that need context (required-per-authType, URL policy, templates, permissions).
+``UNSET`` means "not given": on create and replace it takes the default, on a partial update it
+keeps the current value; ``null`` on a partial update removes a setting or clears a secret.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+Text = Annotated[str, Meta(max_length=2000)]
+Short = Annotated[str, Meta(max_length=200)]
+Url = Annotated[str, Meta(max_length=2048)]
+Secret = Annotated[str, Meta(min_length=1, max_length=8192)]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Ident = Annotated[str, Meta(min_length=1, max_length=128)]
+HeaderValue = Annotated[str, Meta(max_length=4096)]
+Tag = Annotated[str, Meta(min_length=1, max_length=64)]
+Permission = Literal["integrationCreation", "integrations.read"]
+
+_STRUCT = {"kw_only": True, "forbid_unknown_fields": True, "rename": "camel"}
+
+
+class IntegrationBody(msgspec.Struct, **_STRUCT):
+    """Create (POST), replace (PUT) and partial update (PATCH) of an integration."""
+
+    name: Name | UnsetType | None = UNSET
+    slug: Annotated[str, Meta(max_length=64)] | UnsetType | None = UNSET
+    owner_id: Ident | UnsetType | None = UNSET  # create only; transfers go through /owner
+    type: Annotated[str, Meta(max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")] | UnsetType | None = UNSET
+    category: Short | UnsetType | None = UNSET
+    description: Text | UnsetType | None = UNSET
+    mode: Literal["per-user", "shared"] | UnsetType | None = UNSET
+    auth_type: Literal["oauth2", "apikey", "apiKey", "basic", "bearer", "none"] | UnsetType | None = UNSET
+    embedded: bool | UnsetType | None = UNSET
+    library_id: Ident | UnsetType | None = UNSET
+    scope: Text | UnsetType | None = UNSET
+    auth_uri: Url | UnsetType | None = UNSET
+    token_uri: Url | UnsetType | None = UNSET
+    api_base_uri: Url | UnsetType | None = UNSET
+    revocation_uri: Url | UnsetType | None = UNSET
+    client_id: Annotated[str, Meta(max_length=512)] | UnsetType | None = UNSET
+    client_secret: Secret | UnsetType | None = UNSET
+    basic_token_auth: bool | UnsetType | None = UNSET
+    token_auth_method: Literal["client_secret_basic", "client_secret_post"] | UnsetType | None = UNSET
+    api_key: Secret | UnsetType | None = UNSET
+    api_key_name: Annotated[str, Meta(max_length=128)] | UnsetType | None = UNSET
+    api_key_location: Literal["header", "query"] | UnsetType | None = UNSET
+    username: Short | UnsetType | None = UNSET
+    password: Secret | UnsetType | None = UNSET
+    bearer_token: Secret | UnsetType | None = UNSET
+    image_url: Url | UnsetType | None = UNSET
+    headers: Annotated[dict[str, HeaderValue], Meta(max_length=50)] | UnsetType | None = UNSET
+    tags: Annotated[list[Tag], Meta(max_length=50)] | UnsetType | None = UNSET
+
+
+SECRET_ATTRS = ("client_secret", "api_key", "password", "bearer_token")
+_NOT_SETTINGS = frozenset({"slug", "owner_id", *SECRET_ATTRS})
+
+
+def given(body: msgspec.Struct) -> dict[str, Any]:
+    """The fields the body actually carries (``null`` included), by attribute name."""
+    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
+
+
+def split_integration_body(body: IntegrationBody) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """(settings given, secrets given); a ``None`` value means "remove" / "clear"."""
+    fields = given(body)
+    settings = {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
+    secrets = {k: v for k, v in fields.items() if k in SECRET_ATTRS}
+    return settings, secrets
+
+
+class ShareBody(msgspec.Struct, **_STRUCT):
+    access_level: int = 1
+
+
+class OwnerBody(msgspec.Struct, **_STRUCT):
+    user_id: Ident | None = None
+    team_id: Ident | None = None
+
+
+class UserBody(msgspec.Struct, **_STRUCT):
+    """Create a user (POST) or change one (PATCH; ``id`` not allowed there)."""
+
+    id: Ident | UnsetType = UNSET
+    username: Ident | UnsetType = UNSET
+    email: Annotated[str, Meta(max_length=320)] | UnsetType = UNSET
+    display_name: Short | UnsetType = UNSET
+    password: Annotated[str, Meta(min_length=8, max_length=1024)] | UnsetType | None = UNSET
+    superuser: bool | UnsetType = UNSET
+    permissions: Annotated[list[Permission], Meta(max_length=10)] | UnsetType = UNSET
+    custom: Annotated[dict[str, Any], Meta(max_length=100)] | UnsetType = UNSET
+
+
+class TeamBody(msgspec.Struct, **_STRUCT):
+    id: Ident
+    name: Name
+
+
+class MemberBody(msgspec.Struct, **_STRUCT):
+    role: Literal["member", "memberPlus", "designer", "dataWizard", "publisher", "admin"] = "member"
+
+
+class TokenBody(msgspec.Struct, **_STRUCT):
+    label: Short = ""
+
+
+class LoginBody(msgspec.Struct, **_STRUCT):
+    username: Annotated[str, Meta(min_length=1, max_length=128)]
+    password: Annotated[str, Meta(min_length=1, max_length=1024)]

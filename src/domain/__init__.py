@@ -1,0 +1,4 @@
+"""Pure domain model: aggregates, their events and the rules they enforce.
+
+Imports only the standard library and ``eventsourcing.domain`` (checked by import-linter).
+"""

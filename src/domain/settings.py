@@ -1,0 +1,146 @@
+"""Integration settings: the non-secret configuration and the rules over it.
+
+Keys are snake_case; the API maps them to the contract's camelCase names. Secrets are never
+settings: they are sealed in the vault and only a reference reaches the events.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from domain.errors import ValidationFailed, field_error
+from domain.templates import TemplateError, parse_template
+from domain.urls import UrlPolicy
+
+AUTH_TYPES = ("oauth2", "apikey", "basic", "bearer", "none")
+AUTH_TYPE_ALIASES = {"apiKey": "apikey", "api_key": "apikey", "oauth": "oauth2"}
+MODES = ("per-user", "shared")
+TOKEN_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+API_KEY_LOCATIONS = ("header", "query")
+SECRET_FIELDS = ("client_secret", "api_key", "password", "bearer_token")
+URL_FIELDS = ("auth_uri", "token_uri", "api_base_uri", "revocation_uri")
+# Changing where tokens come from or go to re-points live credentials (security note OA-18).
+REPOINTING_FIELDS = ("auth_uri", "token_uri", "client_id", "api_base_uri")
+UPLOAD_TYPES = frozenset({"google-drive", "googledrive", "onedrive", "sharepoint", "dropbox"})
+
+REQUIRED: Mapping[str, tuple[str, ...]] = {
+    "oauth2": ("auth_uri", "token_uri", "client_id", "client_secret", "scope", "api_base_uri"),
+    "apikey": ("api_base_uri", "api_key_name", "api_key_location"),
+    "basic": ("api_base_uri",),
+    "bearer": ("api_base_uri",),
+    "none": (),
+}
+DEFAULTS: Mapping[str, Any] = {
+    "mode": "per-user",
+    "auth_type": "none",
+    "embedded": False,
+    "type": "custom",
+    "category": "",
+    "description": "",
+    "headers": {},
+    "tags": [],
+}
+AUTH_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "apikey": {"api_key_name": "X-API-Key", "api_key_location": "header"},
+    "oauth2": {"token_auth_method": "client_secret_basic"},
+}
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+# Headers the service owns on the outbound request; a template may not set them.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "cookie",
+    }
+)
+MAX_HEADERS = 50
+
+
+def normalise(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical spellings and defaults; unknown auth types are left for :func:`check`."""
+    out = dict(settings)
+    auth = out.get("auth_type")
+    if isinstance(auth, str):
+        out["auth_type"] = AUTH_TYPE_ALIASES.get(auth, auth)
+    for key, value in DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = value if not isinstance(value, dict | list) else type(value)()
+    for key, value in AUTH_DEFAULTS.get(out["auth_type"], {}).items():
+        if out.get(key) is None:
+            out[key] = value
+    if "basic_token_auth" in out:  # the vendor manifest's spelling of the token auth method
+        flag = out.pop("basic_token_auth")
+        if flag is not None:
+            out["token_auth_method"] = "client_secret_basic" if flag else "client_secret_post"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: UrlPolicy) -> None:
+    """Raise :class:`ValidationFailed` listing every problem, or return."""
+    errors: list[dict[str, str]] = []
+    present = set(secrets_present)
+    auth = settings.get("auth_type")
+    if auth not in AUTH_TYPES:
+        errors.append(field_error("authType", f"must be one of {', '.join(AUTH_TYPES)}"))
+    if settings.get("mode") not in MODES:
+        errors.append(field_error("mode", f"must be one of {', '.join(MODES)}"))
+    if not str(settings.get("name") or "").strip():
+        errors.append(field_error("name", "is required"))
+    for key in REQUIRED.get(str(auth), ()):
+        if key in SECRET_FIELDS:
+            if key not in present:
+                errors.append(field_error(_camel(key), f"is required for authType {auth}"))
+        elif settings.get(key) is None or (key != "scope" and settings.get(key) == ""):
+            errors.append(field_error(_camel(key), f"is required for authType {auth}"))
+    for key in URL_FIELDS:
+        value = settings.get(key)
+        if value:
+            problem = policy.problem(value)
+            if problem:
+                errors.append(field_error(_camel(key), problem))
+    if settings.get("api_key_location", "header") not in API_KEY_LOCATIONS:
+        errors.append(field_error("apiKeyLocation", "must be header or query"))
+    if settings.get("token_auth_method", "client_secret_basic") not in TOKEN_AUTH_METHODS:
+        errors.append(field_error("tokenAuthMethod", f"must be one of {', '.join(TOKEN_AUTH_METHODS)}"))
+    key_name = settings.get("api_key_name")
+    if key_name is not None and not HEADER_NAME.fullmatch(key_name):
+        errors.append(field_error("apiKeyName", "must be a valid header or parameter name"))
+    errors.extend(_check_headers(settings.get("headers") or {}))
+    if errors:
+        raise ValidationFailed("The integration is not valid.", errors)
+
+
+def _check_headers(headers: Mapping[str, str]) -> list[dict[str, str]]:
+    errors = []
+    if len(headers) > MAX_HEADERS:
+        errors.append(field_error("headers", f"at most {MAX_HEADERS} headers"))
+    seen: set[str] = set()
+    for name, value in headers.items():
+        lower = name.lower()
+        if not HEADER_NAME.fullmatch(name):
+            errors.append(field_error(f"headers.{name}", "is not a valid header name"))
+        elif lower in RESERVED_HEADERS:
+            errors.append(field_error(f"headers.{name}", "is set by the service and cannot be templated"))
+        elif lower in seen:
+            errors.append(field_error(f"headers.{name}", "is given twice (header names are case-insensitive)"))
+        seen.add(lower)
+        try:
+            parse_template(value)
+        except TemplateError as e:
+            errors.append(field_error(f"headers.{name}", str(e)))
+    return errors
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(p.title() for p in rest)

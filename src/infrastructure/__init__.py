@@ -1,0 +1,1 @@
+"""Adapters: settings, persistence wiring, secrets vault and keyring, outbound HTTP."""

@@ -1,0 +1,54 @@
+"""Map :class:`Settings` to the environment eventsourcing reads (application and projections).
+
+On SQLite every store gets its own file in the data dir: the events, the vault, and one file per
+projection (SQLite recorders share one ``tracking`` table per file, so views must not share).
+On PostgreSQL everything lives in one schema, prefixed by the application or projection name.
+"""
+
+from __future__ import annotations
+
+from infrastructure.settings import Settings
+
+APP_NAME = "integrations"
+_RECORDER = "infrastructure.sqlite_recorder:PollingSQLiteApplicationRecorder"
+
+
+def _store_keys(settings: Settings, prefix: str, sqlite_file: str) -> dict[str, str]:
+    p = prefix.upper() + "_"
+    if settings.postgres is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            p + "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            p + "SQLITE_DBNAME": str(settings.data_dir / sqlite_file),
+            p + "SQLITE_LOCK_TIMEOUT": "10",
+            p + "CREATE_TABLE": "y",
+        }
+    pg = settings.postgres
+    return {
+        p + "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        p + "POSTGRES_DBNAME": pg.dbname,
+        p + "POSTGRES_HOST": pg.host,
+        p + "POSTGRES_PORT": str(pg.port),
+        p + "POSTGRES_USER": pg.user,
+        p + "POSTGRES_PASSWORD": pg.password,
+        p + "POSTGRES_SCHEMA": pg.schema,
+        p + "POSTGRES_LOCK_TIMEOUT": "5",
+        p + "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "5",
+        p + "POSTGRES_CONNECT_TIMEOUT": "10",
+        p + "POSTGRES_POOL_SIZE": "5",
+        p + "POSTGRES_MAX_OVERFLOW": "15",
+        p + "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+        p + "CREATE_TABLE": "y",
+    }
+
+
+def application_env(settings: Settings) -> dict[str, str]:
+    env = _store_keys(settings, APP_NAME, "events.sqlite")
+    if settings.postgres is None:
+        env[APP_NAME.upper() + "_APPLICATION_RECORDER_TOPIC"] = _RECORDER
+    return env
+
+
+def projection_env(settings: Settings, projection_name: str) -> dict[str, str]:
+    """What a ``ProjectionRunner`` needs: the application's keys plus the view's own."""
+    return {**application_env(settings), **_store_keys(settings, projection_name, f"{projection_name}.sqlite")}

@@ -1,0 +1,101 @@
+"""Service settings, read once from the environment (and CLI flags) at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+ENV_PREFIX = "INTEGRATIONS_"
+
+
+class SettingsError(ValueError):
+    """The configuration cannot work; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    dbname: str = "postgres"
+    user: str = "postgres"
+    password: str = ""
+    schema: str = "public"
+
+    @classmethod
+    def from_url(cls, url: str, schema: str | None = None) -> PostgresConfig:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise SettingsError("INTEGRATIONS_DATABASE_URL must start with postgresql://")
+        query = parse_qs(parts.query)
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 5432,
+            dbname=unquote(parts.path.lstrip("/")) or "postgres",
+            user=unquote(parts.username or "postgres"),
+            password=unquote(parts.password or ""),
+            schema=schema or query.get("schema", ["public"])[0],
+        )
+
+    def conninfo(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=self.host, port=self.port, dbname=self.dbname, user=self.user, password=self.password or None
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path(".integrations")
+    postgres: PostgresConfig | None = None  # None = embedded SQLite in data_dir
+    master_keys: str | None = None  # comma-separated base64 keys, the first is active
+    admin_token: str | None = None
+    allow_http_hosts: frozenset[str] = frozenset()
+    public_url: str = "http://127.0.0.1:8000"
+    tenant_id: str = "default"
+    # "inline": projections run as threads in the server; "external": `integrations projections run`
+    projections: str = "inline"
+    read_your_writes_timeout: float = 5.0
+    ready_max_lag: int = 1000
+    session_ttl_seconds: int = 8 * 3600
+    max_body_bytes: int = 1_000_000
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return "postgres" if self.postgres else "sqlite"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: str | None = None) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value if value not in (None, "") else default
+
+        url = get("DATABASE_URL")
+        projections = get("PROJECTIONS", "inline") or "inline"
+        if projections not in ("inline", "external"):
+            raise SettingsError("INTEGRATIONS_PROJECTIONS must be 'inline' or 'external'")
+        hosts = frozenset(h.strip().lower() for h in (get("ALLOW_HTTP_HOSTS", "") or "").split(",") if h.strip())
+        settings = cls(
+            data_dir=Path(get("DATA_DIR", ".integrations") or ".integrations"),
+            postgres=PostgresConfig.from_url(url, get("DATABASE_SCHEMA")) if url else None,
+            master_keys=get("MASTER_KEY"),
+            admin_token=get("ADMIN_TOKEN"),
+            allow_http_hosts=hosts,
+            public_url=(get("PUBLIC_URL", cls.public_url) or cls.public_url).rstrip("/"),
+            tenant_id=get("TENANT_ID", "default") or "default",
+            projections=projections,
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

@@ -1,0 +1,86 @@
+"""Users, teams, tokens and session login."""
+
+from __future__ import annotations
+
+from tests.api.conftest import ADMIN_TOKEN, Api
+
+
+def test_admin_bootstrap_token_works(api: Api) -> None:
+    r = api.client.get("/api/me", headers=api.admin)
+    assert r.status_code == 200 and r.json()["id"] == "admin" and r.json()["superuser"] is True
+
+
+def test_user_crud_is_superuser_only(api: Api) -> None:
+    bob = api.user("bob")
+    r = api.client.post("/api/users", json={"id": "x"}, headers=bob)
+    assert r.status_code == 403
+    r = api.client.post("/api/users", json={"id": "jane", "username": "jane.doe", "email": "j@example.com",
+                                            "displayName": "Jane", "custom": {"region": "eu"}}, headers=api.admin)
+    assert r.status_code == 201 and r.headers["location"] == "/api/users/jane"
+    body = r.json()
+    assert body["username"] == "jane.doe" and body["custom"] == {"region": "eu"} and body["hasPassword"] is False
+    assert api.client.post("/api/users", json={"id": "jane"}, headers=api.admin).status_code == 409
+    assert api.client.post("/api/users", json={"id": "jim", "username": "jane.doe"}, headers=api.admin).status_code == 409
+    r = api.client.patch("/api/users/jane", json={"displayName": "Jane D."}, headers=api.admin)
+    assert r.status_code == 200 and r.json()["displayName"] == "Jane D."
+    assert api.client.get("/api/users/jane", headers=api.admin).json()["email"] == "j@example.com"
+    assert api.client.get("/api/users/jane", headers=bob).status_code == 404
+    assert api.client.delete("/api/users/jane", headers=api.admin).status_code == 204
+    assert api.client.get("/api/users/jane", headers=api.admin).status_code == 404
+    assert api.client.post("/api/users", json={"id": "bad id"}, headers=api.admin).status_code == 400
+
+
+def test_tokens_are_shown_once_stored_hashed_and_revocable(api: Api) -> None:
+    api.user("bob")
+    r = api.client.post("/api/users/bob/tokens", json={"label": "ci"}, headers=api.admin)
+    assert r.status_code == 201
+    token, token_id = r.json()["token"], r.json()["id"]
+    assert api.client.get("/api/me", headers=api.as_(token)).json()["id"] == "bob"
+    listed = api.client.get("/api/users/bob/tokens", headers=api.admin).json()
+    assert token_id in {t["id"] for t in listed} and token not in str(listed)
+    assert api.client.delete(f"/api/users/bob/tokens/{token_id}", headers=api.admin).status_code == 204
+    assert api.client.get("/api/me", headers=api.as_(token)).status_code == 401
+
+
+def test_removed_user_cannot_authenticate(api: Api) -> None:
+    bob = api.user("bob")
+    assert api.client.delete("/api/users/bob", headers=api.admin).status_code == 204
+    assert api.client.get("/api/me", headers=bob).status_code == 401
+
+
+def test_teams_and_membership_roles(api: Api) -> None:
+    api.user("bob")
+    r = api.client.post("/api/teams", json={"id": "analytics", "name": "Analytics"}, headers=api.admin)
+    assert r.status_code == 201 and r.json()["id"] == "team:analytics"
+    r = api.client.put("/api/teams/analytics/members/bob", json={"role": "admin"}, headers=api.admin)
+    assert r.status_code == 200 and r.json()["members"] == [{"userId": "bob", "role": "admin"}]
+    assert api.client.put("/api/teams/analytics/members/bob", json={"role": "king"}, headers=api.admin).status_code == 400
+    assert api.client.put("/api/teams/analytics/members/ghost", json={}, headers=api.admin).status_code == 404
+    assert api.client.get("/api/me", headers=api.admin).status_code == 200
+    assert api.client.delete("/api/teams/analytics/members/bob", headers=api.admin).status_code == 204
+    assert api.client.get("/api/teams/analytics", headers=api.admin).json()["members"] == []
+    assert api.client.post("/api/teams", json={"id": "analytics", "name": "x"}, headers=api.admin).status_code == 409
+
+
+def test_login_cookie_session_and_logout(api: Api) -> None:
+    r = api.client.post("/api/users", json={"id": "sam", "password": "correct horse battery"}, headers=api.admin)
+    assert r.status_code == 201 and r.json()["hasPassword"] is True
+    assert api.client.post("/api/auth/login", json={"username": "sam", "password": "wrong password"}).status_code == 401
+    assert api.client.post("/api/auth/login", json={"username": "nobody", "password": "whatever1"}).status_code == 401
+    r = api.client.post("/api/auth/login", json={"username": "sam", "password": "correct horse battery"})
+    assert r.status_code == 200, r.text
+    set_cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=lax" in set_cookie.replace("Lax", "lax")
+    assert api.client.get("/api/me").json()["id"] == "sam"  # the client keeps the cookie
+    r = api.client.post("/api/integrations", json={"name": "X"}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    assert api.client.post("/api/auth/logout").status_code == 204
+    api.client.cookies.clear()
+    assert api.client.get("/api/me").status_code == 401
+
+
+def test_admin_bootstrap_is_idempotent(api: Api) -> None:
+    app = api.runtime.services.app
+    assert app.ensure_admin(ADMIN_TOKEN) is None
+    admin = app.user("admin")
+    assert [t for t in admin.tokens] == ["bootstrap"]
