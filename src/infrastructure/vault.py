@@ -1,0 +1,396 @@
+"""The secrets vault: envelope encryption with a data key per owner, wrapped by the master keyring.
+
+Each owner (an integration or a user, by aggregate UUID) gets a random 256-bit data key (DEK),
+stored wrapped by the active master key with associated data ``dek|<owner>|v1``. Each secret is
+AES-256-GCM under that DEK with associated data binding owner, ref and field, so a ciphertext
+moved to another owner, field or row fails closed with :class:`VaultError`. Deleting the DEK
+(``shred``) makes every secret of the owner unrecoverable; master-key rotation re-wraps DEKs only.
+
+The crypto lives in :class:`EnvelopeVault`; the two backends differ only in connections and in the
+few dialect words of :class:`_Dialect` (the SQL itself is written once, below).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import queue
+import sqlite3
+import struct
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from commands.ports import SecretRef, VaultError
+from infrastructure.keyring import Keyring
+from infrastructure.settings import PostgresConfig, Settings
+
+VAULT_FILE = "vault.sqlite"
+DEK_BYTES = 32
+NONCE_BYTES = 12
+FINGERPRINT_HEX = 12
+_SECRET_FORMAT = b"\x01"
+_SEAL_ATTEMPTS = 3
+# The fingerprint key is derived from the DEK rather than being the DEK itself: one key, one job.
+_FINGERPRINT_LABEL = b"integrations-vault fingerprint v1"
+
+
+# -- SQL, written once; {names} are filled per dialect and %s becomes the driver's placeholder ------
+
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS {keys} (
+        owner_id TEXT PRIMARY KEY,
+        kid TEXT NOT NULL,
+        wrapped_dek {blob} NOT NULL,
+        created_at {timestamp}
+    )""",
+    """CREATE TABLE IF NOT EXISTS {secrets} (
+        ref TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES {keys} (owner_id) ON DELETE CASCADE,
+        field TEXT NOT NULL,
+        ciphertext {blob} NOT NULL,
+        created_at {timestamp}
+    )""",
+    "CREATE INDEX IF NOT EXISTS {secrets_owner_index} ON {secrets} (owner_id)",
+)
+_SELECT_DEK = "SELECT wrapped_dek FROM {keys} WHERE owner_id = %s"
+_INSERT_DEK = "INSERT INTO {keys} (owner_id, kid, wrapped_dek) VALUES (%s, %s, %s) ON CONFLICT (owner_id) DO NOTHING"
+_SELECT_STALE_DEKS = "SELECT owner_id, kid, wrapped_dek FROM {keys} WHERE kid <> %s"
+_UPDATE_DEK = "UPDATE {keys} SET kid = %s, wrapped_dek = %s WHERE owner_id = %s AND kid = %s"
+_DELETE_DEK = "DELETE FROM {keys} WHERE owner_id = %s"
+_KEY_USAGE = "SELECT kid, COUNT(*) FROM {keys} GROUP BY kid"
+_INSERT_SEALED = "INSERT INTO {secrets} (ref, owner_id, field, ciphertext) VALUES (%s, %s, %s, %s)"
+_SELECT_SEALED = "SELECT ciphertext FROM {secrets} WHERE ref = %s AND owner_id = %s"
+_DELETE_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s"
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    keys: str
+    secrets: str
+    secrets_owner_index: str
+    blob: str
+    timestamp: str
+    placeholder: str
+
+    def render(self, template: str) -> str:
+        sql = template.format(
+            keys=self.keys,
+            secrets=self.secrets,
+            secrets_owner_index=self.secrets_owner_index,
+            blob=self.blob,
+            timestamp=self.timestamp,
+        )
+        return sql.replace("%s", self.placeholder)
+
+
+class _Cursor(Protocol):
+    rowcount: int
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Connection(Protocol):
+    def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+
+
+# -- the crypto, shared ---------------------------------------------------------------------------
+
+
+def _owner(owner_id: UUID | str) -> str:
+    try:
+        return str(owner_id if isinstance(owner_id, UUID) else UUID(str(owner_id)))
+    except ValueError:
+        raise VaultError("owner id is not a UUID") from None
+
+
+def _dek_aad(owner: str) -> bytes:
+    return b"dek|" + owner.encode() + b"|v1"
+
+
+def _secret_aad(owner: str, field: str, ref: str) -> bytes:
+    # owner and ref have fixed shapes (UUID, 32 hex), so the free-form field can go last unframed.
+    return b"secret|v1|" + owner.encode() + b"|" + ref.encode() + b"|" + field.encode()
+
+
+def _fingerprint(dek: bytes, field: str, plaintext: str) -> str:
+    key = hmac.new(dek, _FINGERPRINT_LABEL, hashlib.sha256).digest()
+    field_bytes = field.encode()
+    message = struct.pack(">I", len(field_bytes)) + field_bytes + plaintext.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:FINGERPRINT_HEX]
+
+
+def _valid_ref(ref: object) -> bool:
+    return isinstance(ref, str) and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+
+
+class EnvelopeVault(ABC):
+    """:class:`commands.ports.SecretsVault` over any SQL store; subclasses bring connections."""
+
+    _integrity_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, keyring: Keyring, dialect: _Dialect) -> None:
+        self.keyring = keyring
+        self._dialect = dialect
+
+    # -- plumbing the backends provide
+
+    @abstractmethod
+    def _transaction(self, write: bool) -> AbstractContextManager[_Connection]:
+        """A connection inside one transaction: committed on success, rolled back on error."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _create_tables(self) -> None:
+        with self._transaction(write=True) as conn:
+            for statement in _DDL:
+                conn.execute(self._dialect.render(statement))
+
+    def _rows(self, conn: _Connection, template: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        cursor: _Cursor = conn.execute(self._dialect.render(template), params)
+        return cursor.fetchall()
+
+    def _count(self, conn: _Connection, template: str, params: tuple[Any, ...]) -> int:
+        cursor: _Cursor = conn.execute(self._dialect.render(template), params)
+        return cursor.rowcount
+
+    # -- SecretsVault
+
+    def seal(self, owner_id: UUID, field: str, plaintext: str) -> SecretRef:
+        owner = _owner(owner_id)
+        if not isinstance(field, str) or not field:
+            raise VaultError("a secret needs a field name")
+        if not isinstance(plaintext, str):
+            raise VaultError("a secret must be a string")
+        for _ in range(_SEAL_ATTEMPTS):
+            dek = self._data_key(owner, create=True)
+            ref = uuid4().hex
+            nonce = os.urandom(NONCE_BYTES)
+            sealed = nonce + AESGCM(dek).encrypt(nonce, plaintext.encode(), _secret_aad(owner, field, ref))
+            try:
+                with self._transaction(write=True) as conn:
+                    conn.execute(self._dialect.render(_INSERT_SEALED), (ref, owner, field, _SECRET_FORMAT + sealed))
+            except self._integrity_errors:
+                continue  # the owner was shredded between reading its key and writing: start over
+            return SecretRef({"ref": ref, "fingerprint": _fingerprint(dek, field, plaintext)})
+        raise VaultError(f"could not seal a secret for owner {owner}: its data key keeps disappearing")
+
+    def open(self, owner_id: UUID, field: str, ref: str) -> str:
+        owner = _owner(owner_id)
+        if not _valid_ref(ref):
+            raise VaultError("not a secret reference")
+        dek = self._data_key(owner, create=False)
+        with self._transaction(write=False) as conn:
+            rows = self._rows(conn, _SELECT_SEALED, (ref, owner))
+        if not rows:
+            raise VaultError(f"no secret {ref} for owner {owner}")
+        blob = bytes(rows[0][0])
+        if blob[:1] != _SECRET_FORMAT or len(blob) < 1 + NONCE_BYTES + 16:
+            raise VaultError(f"secret {ref} has an unknown format")
+        nonce, sealed = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
+        try:
+            plaintext = AESGCM(dek).decrypt(nonce, sealed, _secret_aad(owner, field, ref))
+        except InvalidTag:
+            raise VaultError(
+                f"secret {ref} does not authenticate as owner {owner}'s {field!r} (moved or tampered)"
+            ) from None
+        return plaintext.decode()
+
+    def shred(self, owner_id: UUID) -> None:
+        owner = _owner(owner_id)
+        with self._transaction(write=True) as conn:
+            conn.execute(self._dialect.render(_DELETE_SEALED), (owner,))
+            conn.execute(self._dialect.render(_DELETE_DEK), (owner,))
+
+    # -- key management
+
+    def rewrap(self) -> int:
+        """Re-wrap every data key not under the active master key; secrets stay untouched."""
+        active = self.keyring.active_kid
+        with self._transaction(write=True) as conn:
+            stale = self._rows(conn, _SELECT_STALE_DEKS, (active,))
+            done = 0
+            for owner, kid, wrapped in stale:
+                aad = _dek_aad(owner)
+                dek = self.keyring.unwrap(bytes(wrapped), aad)
+                done += self._count(conn, _UPDATE_DEK, (active, self.keyring.wrap(dek, aad), owner, kid))
+        return done
+
+    def key_usage(self) -> dict[str, int]:
+        """How many data keys each master key id wraps."""
+        with self._transaction(write=False) as conn:
+            return {kid: int(count) for kid, count in self._rows(conn, _KEY_USAGE)}
+
+    def _data_key(self, owner: str, create: bool) -> bytes:
+        """The owner's DEK, created if asked; race-safe: insert-if-absent, then read the winner."""
+        aad = _dek_aad(owner)
+        with self._transaction(write=False) as conn:
+            rows = self._rows(conn, _SELECT_DEK, (owner,))
+        if not rows and create:
+            wrapped = self.keyring.wrap(AESGCM.generate_key(bit_length=DEK_BYTES * 8), aad)
+            with self._transaction(write=True) as conn:
+                conn.execute(self._dialect.render(_INSERT_DEK), (owner, self.keyring.active_kid, wrapped))
+                rows = self._rows(conn, _SELECT_DEK, (owner,))
+        if not rows:
+            raise VaultError(f"no data key for owner {owner} (shredded, or nothing sealed yet)")
+        return self.keyring.unwrap(bytes(rows[0][0]), aad)
+
+    def __enter__(self) -> EnvelopeVault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+
+class SqliteVault(EnvelopeVault):
+    """The vault in its own SQLite file (WAL, synchronous=FULL); safe across threads and processes.
+
+    Connections are pooled, not pinned to threads, so short-lived threads leak nothing.
+    """
+
+    _integrity_errors = (sqlite3.IntegrityError,)
+
+    def __init__(self, path: Path, keyring: Keyring) -> None:
+        super().__init__(
+            keyring,
+            _Dialect(
+                keys="vault_keys",
+                secrets="vault_secrets",
+                secrets_owner_index="vault_secrets_owner",
+                blob="BLOB",
+                timestamp="TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP",
+                placeholder="?",
+            ),
+        )
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Wrapped keys are still key material: create the file (and so its -wal/-shm) owner-only.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._create_tables()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # seal() promises durability on return
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        if self._closed:
+            raise VaultError("the vault is closed")
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            # IMMEDIATE takes the write lock up front, so busy_timeout applies instead of a
+            # deadlock-prone read-to-write upgrade.
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._idle.put(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+class PostgresVault(EnvelopeVault):
+    """The vault in ``integrations_vault_keys`` / ``integrations_vault_secrets`` of ``pg.schema``."""
+
+    def __init__(self, pg: PostgresConfig, keyring: Keyring, max_connections: int = 4) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        schema = _quote(pg.schema)
+        super().__init__(
+            keyring,
+            _Dialect(
+                keys=f"{schema}.integrations_vault_keys",
+                secrets=f"{schema}.integrations_vault_secrets",
+                secrets_owner_index="integrations_vault_secrets_owner",
+                blob="BYTEA",
+                timestamp="TIMESTAMPTZ NOT NULL DEFAULT now()",
+                placeholder="%s",
+            ),
+        )
+        self._integrity_errors = (psycopg.IntegrityError,)
+        self._schema = pg.schema
+        self._pool = ConnectionPool(
+            pg.conninfo(),
+            min_size=1,
+            max_size=max_connections,
+            kwargs={"connect_timeout": 10},
+            name="integrations-vault",
+            timeout=30,
+            open=True,
+        )
+        try:
+            self._pool.wait(timeout=30)
+            self._create_tables()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[Any]:
+        # The pool commits on a clean exit and rolls back on an exception.
+        with self._pool.connection() as conn:
+            yield conn
+
+    def _create_tables(self) -> None:
+        # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalogue; serialise it.
+        with self._transaction(write=True) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"integrations-vault:{self._schema}",))
+            for statement in _DDL:
+                conn.execute(self._dialect.render(statement))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_vault(settings: Settings, keyring: Keyring) -> EnvelopeVault:
+    """The vault for ``settings``: its own SQLite file in the data dir, or tables in the PG schema."""
+    if settings.postgres is None:
+        return SqliteVault(settings.data_dir / VAULT_FILE, keyring)
+    return PostgresVault(settings.postgres, keyring)
