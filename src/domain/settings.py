@@ -115,12 +115,22 @@ def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: U
     key_name = settings.get("api_key_name")
     if key_name is not None and not HEADER_NAME.fullmatch(key_name):
         errors.append(field_error("apiKeyName", "must be a valid header or parameter name"))
-    errors.extend(_check_headers(settings.get("headers") or {}))
+    errors.extend(_check_headers(settings.get("headers") or {}, _service_headers(settings)))
     if errors:
         raise ValidationFailed("The integration is not valid.", errors)
 
 
-def _check_headers(headers: Mapping[str, str]) -> list[dict[str, str]]:
+def _service_headers(settings: Mapping[str, Any]) -> frozenset[str]:
+    """Headers the service sets for this integration; a template must not override them."""
+    reserved = set(RESERVED_HEADERS)
+    if settings.get("auth_type") in ("oauth2", "bearer", "basic"):
+        reserved.add("authorization")
+    if settings.get("auth_type") == "apikey" and settings.get("api_key_location", "header") == "header":
+        reserved.add(str(settings.get("api_key_name") or "").lower())
+    return frozenset(reserved)
+
+
+def _check_headers(headers: Mapping[str, str], reserved: frozenset[str] = RESERVED_HEADERS) -> list[dict[str, str]]:
     errors = []
     if len(headers) > MAX_HEADERS:
         errors.append(field_error("headers", f"at most {MAX_HEADERS} headers"))
@@ -129,7 +139,7 @@ def _check_headers(headers: Mapping[str, str]) -> list[dict[str, str]]:
         lower = name.lower()
         if not HEADER_NAME.fullmatch(name):
             errors.append(field_error(f"headers.{name}", "is not a valid header name"))
-        elif lower in RESERVED_HEADERS:
+        elif lower in reserved:
             errors.append(field_error(f"headers.{name}", "is set by the service and cannot be templated"))
         elif lower in seen:
             errors.append(field_error(f"headers.{name}", "is given twice (header names are case-insensitive)"))

@@ -28,6 +28,7 @@ _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _PATH = re.compile(rf"{_NAME}(?:\.{_NAME})*")
 _TOKEN = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_.]*[A-Za-z0-9_])|\$")
 _FORBIDDEN_CHARS = ("\r", "\n", "\0")
+_VALUE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class TemplateError(ValueError):
@@ -47,7 +48,10 @@ class Template:
         for part in self.parts:
             if isinstance(part, tuple):
                 value = values.get(part[0])
-                out.append("" if value is None else str(value))
+                text = "" if value is None else str(value)
+                if _VALUE_CTL.search(text):  # never a split or smuggled header
+                    raise TemplateError(f"the value of '{part[0]}' contains control characters")
+                out.append(text)
             else:
                 out.append(part)
         return "".join(out)
