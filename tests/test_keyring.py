@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from commands.ports import VaultError
-from conftest import TEST_MASTER_KEY
+from tests.conftest import TEST_MASTER_KEY
 from infrastructure.keyring import Keyring, generate_key, key_id, load_keyring
 from infrastructure.passwords import ScryptHasher
 from infrastructure.settings import Settings, SettingsError

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from commands.ports import SecretRef, VaultError
-from conftest import TEST_MASTER_KEY
+from tests.conftest import TEST_MASTER_KEY
 from infrastructure.keyring import Keyring, generate_key
 from infrastructure.settings import Settings
 from infrastructure.vault import EnvelopeVault, PostgresVault, SqliteVault, open_vault
