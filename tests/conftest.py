@@ -21,21 +21,23 @@ PG_URL = os.environ.get("INTEGRATIONS_TEST_DATABASE_URL", "postgresql://postgres
 REQUIRE_PG = os.environ.get("INTEGRATIONS_REQUIRE_POSTGRES") == "1"
 TEST_MASTER_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # base64 of 32 test bytes
 
-_pg_status: tuple[bool, str] | None = None
+_pg_ok = False
 
 
 def postgres_available() -> tuple[bool, str]:
-    global _pg_status
-    if _pg_status is None:
-        try:
-            import psycopg
+    """Probe until the first success (a transient failure is not remembered)."""
+    global _pg_ok
+    if _pg_ok:
+        return True, ""
+    try:
+        import psycopg
 
-            with psycopg.connect(PostgresConfig.from_url(PG_URL).conninfo(), connect_timeout=3) as conn:
-                conn.execute("SELECT 1")
-            _pg_status = (True, "")
-        except Exception as e:  # any failure means: no usable server here
-            _pg_status = (False, f"PostgreSQL not reachable at {PG_URL}: {type(e).__name__}: {e}")
-    return _pg_status
+        with psycopg.connect(PostgresConfig.from_url(PG_URL).conninfo(), connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as e:  # any failure means: no usable server here, now
+        return False, f"PostgreSQL not reachable at {PG_URL}: {type(e).__name__}: {e}"
+    _pg_ok = True
+    return True, ""
 
 
 def require_postgres() -> None:

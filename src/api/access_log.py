@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send  # plain ASGI types
 
 log = logging.getLogger("integrations.access")
 
@@ -32,7 +32,10 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send_wrapper)
         finally:
             log.info(
-                '%s %s %d %.1fms', scope.get("method", "-"), scope.get("path", "-"), status["code"],
+                "%s %s %d %.1fms",
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                status["code"],
                 (time.perf_counter() - started) * 1000,
             )
 

@@ -15,7 +15,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from api.access_log import access_log_middleware
 from api.auth import PUBLIC_PATHS, TokenAuthentication
 from api.controllers.common import provide_actor, provide_services
 from api.controllers.health import HealthController
@@ -71,7 +70,7 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[api, HealthController],
         lifespan=[lifespan],
         state=State({"services": services}),
-        middleware=[access_log_middleware, DefineMiddleware(TokenAuthentication, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        middleware=[DefineMiddleware(TokenAuthentication, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi,
         request_max_body_size=services.config.max_body_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 from uuid import UUID
 
@@ -22,6 +23,10 @@ class SecretsVault(Protocol):
 
     def open(self, owner_id: UUID, field: str, ref: str) -> str:
         """The plaintext behind ``ref``; raises :class:`VaultError` when it cannot be had."""
+        ...
+
+    def discard(self, owner_id: UUID, refs: Iterable[str]) -> None:
+        """Delete secrets no event references any more (replaced or cleared)."""
         ...
 
     def shred(self, owner_id: UUID) -> None:

@@ -56,7 +56,7 @@ A = TypeVar("A", bound=Aggregate)
 TOKEN_PREFIX = "iik_"  # noqa: S105  (a prefix, not a secret)
 SESSION_PREFIX = "iis_"
 BOOTSTRAP_TOKEN_ID = "bootstrap"  # noqa: S105
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class IntegrationsApp(Application[UUID]):
         cleared = [k for k, v in secrets_in.items() if v is None]
         sealed = self._seal_all(integration_id, {k: v for k, v in secrets_in.items() if v is not None})
 
-        def attempt() -> Written[Integration]:
+        def attempt() -> tuple[Written[Integration], list[str]]:
             integration = self.integration_for(actor, integration_id, AccessLevel.EDIT)
             _check_version(integration, expected_version)
             if partial:
@@ -524,6 +524,14 @@ class IntegrationsApp(Application[UUID]):
 
         def attempt() -> Written[IssuedToken]:
             user = self.user(user_id)
+            now = datetime.now(UTC)
+            for old_id, old in list(user.tokens.items()):  # expired sessions leave with the next login
+                if (
+                    old.get("kind") == "session"
+                    and old.get("expires_at")
+                    and datetime.fromisoformat(old["expires_at"]) <= now
+                ):
+                    user.revoke_token(old_id)
             user.issue_token(token_id, token_hash(token), label, kind=kind, expires_at=expires_at)
             return Written(IssuedToken(token, token_id, user_id, expires_at), self._store(user))
 

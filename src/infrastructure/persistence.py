@@ -13,7 +13,9 @@ APP_NAME = "integrations"
 _RECORDER = "infrastructure.sqlite_recorder:PollingSQLiteApplicationRecorder"
 
 
-def _store_keys(settings: Settings, prefix: str, sqlite_file: str) -> dict[str, str]:
+def _store_keys(settings: Settings, prefix: str, sqlite_file: str, *, pool: tuple[int, int] = (1, 4)) -> dict[str, str]:
+    """``pool`` = (connections kept open, extra ones opened under load) on PostgreSQL. Every
+    view, runner and application has its own pool, so idle connections add up fast."""
     p = prefix.upper() + "_"
     if settings.postgres is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -35,20 +37,26 @@ def _store_keys(settings: Settings, prefix: str, sqlite_file: str) -> dict[str, 
         p + "POSTGRES_LOCK_TIMEOUT": "5",
         p + "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "5",
         p + "POSTGRES_CONNECT_TIMEOUT": "10",
-        p + "POSTGRES_POOL_SIZE": "5",
-        p + "POSTGRES_MAX_OVERFLOW": "15",
+        p + "POSTGRES_POOL_SIZE": str(pool[0]),
+        p + "POSTGRES_MAX_OVERFLOW": str(pool[1]),
         p + "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
         p + "CREATE_TABLE": "y",
     }
 
 
 def application_env(settings: Settings) -> dict[str, str]:
-    env = _store_keys(settings, APP_NAME, "events.sqlite")
+    env = _store_keys(settings, APP_NAME, "events.sqlite", pool=(2, 18))
     if settings.postgres is None:
         env[APP_NAME.upper() + "_APPLICATION_RECORDER_TOPIC"] = _RECORDER
     return env
 
 
 def projection_env(settings: Settings, projection_name: str) -> dict[str, str]:
-    """What a ``ProjectionRunner`` needs: the application's keys plus the view's own."""
-    return {**application_env(settings), **_store_keys(settings, projection_name, f"{projection_name}.sqlite")}
+    """What a ``ProjectionRunner`` needs: the application's keys plus the view's own.
+
+    The runner's application instance only reads, and the event store's tables exist by then
+    (the server or worker process builds its own application first), so it skips the DDL:
+    concurrent ``CREATE OR REPLACE FUNCTION`` from several runners fails on PostgreSQL.
+    """
+    app = {**application_env(settings), APP_NAME.upper() + "_CREATE_TABLE": "n"}
+    return {**app, **_store_keys(settings, projection_name, f"{projection_name}.sqlite")}

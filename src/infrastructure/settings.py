@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 ENV_PREFIX = "INTEGRATIONS_"
@@ -87,6 +88,19 @@ class Settings:
         projections = get("PROJECTIONS", "inline") or "inline"
         if projections not in ("inline", "external"):
             raise SettingsError("INTEGRATIONS_PROJECTIONS must be 'inline' or 'external'")
+
+        def number(name: str, default: float, kind: type = int) -> Any:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}{name} must be a number") from None
+            if value <= 0:
+                raise SettingsError(f"{ENV_PREFIX}{name} must be positive")
+            return value
+
         hosts = frozenset(h.strip().lower() for h in (get("ALLOW_HTTP_HOSTS", "") or "").split(",") if h.strip())
         settings = cls(
             data_dir=Path(get("DATA_DIR", ".integrations") or ".integrations"),
@@ -97,5 +111,9 @@ class Settings:
             public_url=(get("PUBLIC_URL", cls.public_url) or cls.public_url).rstrip("/"),
             tenant_id=get("TENANT_ID", "default") or "default",
             projections=projections,
+            read_your_writes_timeout=number("READ_YOUR_WRITES_TIMEOUT", cls.read_your_writes_timeout, float),
+            ready_max_lag=number("READY_MAX_LAG", cls.ready_max_lag),
+            session_ttl_seconds=number("SESSION_TTL_SECONDS", cls.session_ttl_seconds),
+            max_body_bytes=number("MAX_BODY_BYTES", cls.max_body_bytes),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ class PollingSubscription(ListenNotifySubscription[SQLiteApplicationRecorder]):
 
     def __init__(self, recorder: SQLiteApplicationRecorder, gt: int | None = None, topics: Sequence[str] = ()):
         super().__init__(recorder=recorder, gt=gt, topics=topics)
-        self._dbname = recorder.datastore.db_name
+        self._dbname = recorder.datastore.pool.db_name
         with _lock:
             _subscriptions.setdefault(self._dbname, weakref.WeakSet()).add(self)
         self._stop_polling = threading.Event()
@@ -64,5 +64,5 @@ class PollingSQLiteApplicationRecorder(SQLiteApplicationRecorder):
 
     def insert_events(self, stored_events: Any, **kwargs: Any) -> Any:
         result = super().insert_events(stored_events, **kwargs)
-        _wake(self.datastore.db_name)
+        _wake(self.datastore.pool.db_name)
         return result

@@ -20,7 +20,7 @@ import sqlite3
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,7 @@ _KEY_USAGE = "SELECT kid, COUNT(*) FROM {keys} GROUP BY kid"
 _INSERT_SEALED = "INSERT INTO {secrets} (ref, owner_id, field, ciphertext) VALUES (%s, %s, %s, %s)"
 _SELECT_SEALED = "SELECT ciphertext FROM {secrets} WHERE ref = %s AND owner_id = %s"
 _DELETE_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s"
+_DISCARD_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s AND ref = %s"
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,13 @@ class EnvelopeVault(ABC):
                 f"secret {ref} does not authenticate as owner {owner}'s {field!r} (moved or tampered)"
             ) from None
         return plaintext.decode()
+
+    def discard(self, owner_id: UUID, refs: Iterable[str]) -> None:
+        """Delete superseded secrets (a replaced client secret must not linger under the key)."""
+        owner = _owner(owner_id)
+        with self._transaction(write=True) as conn:
+            for ref in refs:
+                conn.execute(self._dialect.render(_DISCARD_SEALED), (owner, ref))
 
     def shred(self, owner_id: UUID) -> None:
         owner = _owner(owner_id)

@@ -12,7 +12,23 @@ from litestar.testing import TestClient
 from cli.runtime import build_runtime
 from infrastructure.settings import Settings
 
-ADMIN_TOKEN = "admin-test-token-0123456789abcdef"  # noqa: S105
+ADMIN_TOKEN = "admin-test-token-0123456789abcdef"
+
+
+class ConsistentClient(TestClient[Any]):
+    """One client session: it forwards the highest ``X-Event-Position`` it has seen, as a real
+    client does to read its own writes consistently across principals and processes."""
+
+    position: int = 0
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.position and "X-Wait-For-Position" not in headers:
+            headers["X-Wait-For-Position"] = str(self.position)
+        response = super().request(method, url, headers=headers, **kwargs)
+        if response.headers.get("X-Event-Position"):
+            self.position = max(self.position, int(response.headers["X-Event-Position"]))
+        return response
 
 
 @dataclass
@@ -27,11 +43,18 @@ class Api:
     def admin(self) -> dict[str, str]:
         return self.as_(ADMIN_TOKEN)
 
-    def user(self, user_id: str, *, permissions: list[str] | None = None, superuser: bool = False, **extra: Any) -> dict[str, str]:
+    def user(
+        self, user_id: str, *, permissions: list[str] | None = None, superuser: bool = False, **extra: Any
+    ) -> dict[str, str]:
         """Create a user with an API token; returns the auth headers."""
-        body = {"id": user_id, "email": f"{user_id}@example.com", "displayName": user_id.title(),
-                "permissions": permissions if permissions is not None else ["integrationCreation"],
-                "superuser": superuser, **extra}
+        body = {
+            "id": user_id,
+            "email": f"{user_id}@example.com",
+            "displayName": user_id.title(),
+            "permissions": permissions if permissions is not None else ["integrationCreation"],
+            "superuser": superuser,
+            **extra,
+        }
         r = self.client.post("/api/users", json=body, headers=self.admin)
         assert r.status_code == 201, r.text
         r = self.client.post(f"/api/users/{user_id}/tokens", json={"label": "test"}, headers=self.admin)
@@ -46,8 +69,13 @@ class Api:
             assert r.status_code == 200, r.text
 
     def integration(self, headers: dict[str, str], **fields: Any) -> dict[str, Any]:
-        body = {"name": "Example", "authType": "apikey", "apiBaseUri": "https://api.example.com/v1",
-                "apiKey": "sk-test-secret-value", **fields}
+        body = {
+            "name": "Example",
+            "authType": "apikey",
+            "apiBaseUri": "https://api.example.com/v1",
+            "apiKey": "sk-test-secret-value",
+            **fields,
+        }
         r = self.client.post("/api/integrations", json=body, headers=headers)
         assert r.status_code == 201, r.text
         return r.json()
@@ -63,5 +91,5 @@ def api(api_settings: Settings) -> Iterator[Api]:
     runtime = build_runtime(api_settings)
     from api.app import create_app
 
-    with TestClient(app=create_app(runtime.services), base_url="http://127.0.0.1:8000") as client:
+    with ConsistentClient(app=create_app(runtime.services), base_url="http://127.0.0.1:8000") as client:
         yield Api(client, runtime)

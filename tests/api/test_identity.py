@@ -14,13 +14,24 @@ def test_user_crud_is_superuser_only(api: Api) -> None:
     bob = api.user("bob")
     r = api.client.post("/api/users", json={"id": "x"}, headers=bob)
     assert r.status_code == 403
-    r = api.client.post("/api/users", json={"id": "jane", "username": "jane.doe", "email": "j@example.com",
-                                            "displayName": "Jane", "custom": {"region": "eu"}}, headers=api.admin)
+    r = api.client.post(
+        "/api/users",
+        json={
+            "id": "jane",
+            "username": "jane.doe",
+            "email": "j@example.com",
+            "displayName": "Jane",
+            "custom": {"region": "eu"},
+        },
+        headers=api.admin,
+    )
     assert r.status_code == 201 and r.headers["location"] == "/api/users/jane"
     body = r.json()
     assert body["username"] == "jane.doe" and body["custom"] == {"region": "eu"} and body["hasPassword"] is False
     assert api.client.post("/api/users", json={"id": "jane"}, headers=api.admin).status_code == 409
-    assert api.client.post("/api/users", json={"id": "jim", "username": "jane.doe"}, headers=api.admin).status_code == 409
+    assert (
+        api.client.post("/api/users", json={"id": "jim", "username": "jane.doe"}, headers=api.admin).status_code == 409
+    )
     r = api.client.patch("/api/users/jane", json={"displayName": "Jane D."}, headers=api.admin)
     assert r.status_code == 200 and r.json()["displayName"] == "Jane D."
     assert api.client.get("/api/users/jane", headers=api.admin).json()["email"] == "j@example.com"
@@ -54,7 +65,9 @@ def test_teams_and_membership_roles(api: Api) -> None:
     assert r.status_code == 201 and r.json()["id"] == "team:analytics"
     r = api.client.put("/api/teams/analytics/members/bob", json={"role": "admin"}, headers=api.admin)
     assert r.status_code == 200 and r.json()["members"] == [{"userId": "bob", "role": "admin"}]
-    assert api.client.put("/api/teams/analytics/members/bob", json={"role": "king"}, headers=api.admin).status_code == 400
+    assert (
+        api.client.put("/api/teams/analytics/members/bob", json={"role": "king"}, headers=api.admin).status_code == 400
+    )
     assert api.client.put("/api/teams/analytics/members/ghost", json={}, headers=api.admin).status_code == 404
     assert api.client.get("/api/me", headers=api.admin).status_code == 200
     assert api.client.delete("/api/teams/analytics/members/bob", headers=api.admin).status_code == 204

@@ -75,8 +75,11 @@ def test_malformed_bodies_are_400(api: Api, raw: bytes) -> None:
 
 def test_oversized_body_is_413(api: Api) -> None:
     alice = api.user("alice")
-    r = api.client.post("/api/integrations", content=b"{" + b" " * 2_000_000 + b"}",
-                        headers={**alice, "Content-Type": "application/json"})
+    r = api.client.post(
+        "/api/integrations",
+        content=b"{" + b" " * 2_000_000 + b"}",
+        headers={**alice, "Content-Type": "application/json"},
+    )
     assert r.status_code == 413
     assert r.json()["statusCode"] == 413
 
@@ -116,7 +119,9 @@ def test_ambiguous_bare_slug_is_409_with_candidates(api: Api) -> None:
     theirs = api.integration(bob, slug="crm")
     r = api.client.put(f"/api/integrations/{theirs['id']}/shares/alice", json={"accessLevel": 1}, headers=bob)
     assert r.status_code == 200
-    r = api.client.get("/api/integrations/crm", headers=alice)
+    # Bob's write is not Alice's own: she reads it consistently by passing its position along.
+    position = r.headers["X-Event-Position"]
+    r = api.client.get("/api/integrations/crm", headers={**alice, "X-Wait-For-Position": position})
     assert r.status_code == 409
     assert r.json()["details"]["candidates"] == ["alice:crm", "bob:crm"]
     assert mine["id"] != theirs["id"]
@@ -204,7 +209,9 @@ def test_history_records_actor_for_every_change(api: Api) -> None:
     api.client.patch(f"/api/integrations/{iid}", json={"description": "x"}, headers=alice)
     history = api.client.get(f"/api/integrations/{iid}/history", headers=alice).json()
     assert [h["type"] for h in history] == [
-        "integrations/Integration.Created.v1", "integrations/Integration.Shared.v1", "integrations/Integration.Updated.v1",
+        "integrations/Integration.Created.v1",
+        "integrations/Integration.Shared.v1",
+        "integrations/Integration.Updated.v1",
     ]
     assert {h["actorId"] for h in history} == {"alice"}
     assert all(h["at"].endswith("Z") for h in history)

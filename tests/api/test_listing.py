@@ -20,7 +20,9 @@ def test_listing_shows_owned_shared_team_and_superuser_views(api: Api) -> None:
     api.integration(carol, name="Team Owned", slug="team-owned", ownerId="team:analytics")
     api.integration(alice, name="Embedded", slug="embedded", embedded=True)
     assert api.client.put(f"/api/integrations/{shared['id']}/shares/bob", json={}, headers=alice).status_code == 200
-    r = api.client.put(f"/api/integrations/{to_team['id']}/shares/team:analytics", json={"accessLevel": 1}, headers=alice)
+    r = api.client.put(
+        f"/api/integrations/{to_team['id']}/shares/team:analytics", json={"accessLevel": 1}, headers=alice
+    )
     assert r.status_code == 200
     assert _names(api, alice) == ["Alpha", "Beta", "Gamma"]
     assert _names(api, bob) == ["Beta", "Gamma", "Team Owned"]
@@ -30,7 +32,9 @@ def test_listing_shows_owned_shared_team_and_superuser_views(api: Api) -> None:
     assert page["total"] == 3 and page["start"] == 0 and page["count"] == 3
     assert page["_links"]["self"]["href"] == "/api/integrations"
     item = page["_embedded"]["inf:integration"][0]
-    assert "hasApiKey" in item and "apiKey" not in item and item["_links"]["self"]["href"].startswith("/api/integrations/")
+    assert (
+        "hasApiKey" in item and "apiKey" not in item and item["_links"]["self"]["href"].startswith("/api/integrations/")
+    )
 
 
 def test_query_sort_and_paging(api: Api) -> None:

@@ -96,6 +96,9 @@ def test_transfer_validation(api: Api) -> None:
     api.team("ops", {})
     iid = api.integration(alice)["id"]
     assert api.client.put(f"/api/integrations/{iid}/owner", json={}, headers=alice).status_code == 400
-    assert api.client.put(f"/api/integrations/{iid}/owner", json={"userId": "a", "teamId": "b"}, headers=alice).status_code == 400
+    assert (
+        api.client.put(f"/api/integrations/{iid}/owner", json={"userId": "a", "teamId": "b"}, headers=alice).status_code
+        == 400
+    )
     assert api.client.put(f"/api/integrations/{iid}/owner", json={"userId": "ghost"}, headers=alice).status_code == 404
     assert api.client.put(f"/api/integrations/{iid}/owner", json={"teamId": "ops"}, headers=alice).status_code == 403

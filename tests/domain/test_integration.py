@@ -6,12 +6,12 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from given_when_then import by, event, given, history, replay, stored
 
 from domain.access import AccessLevel, Actor
 from domain.audit import acting_as
 from domain.errors import NotFound, ValidationFailed
 from domain.integration import Integration
+from tests.domain.given_when_then import by, event, given, history, replay, stored
 
 IID = UUID("6f1c2a4e-0000-4000-8000-000000000001")
 SETTINGS: dict[str, Any] = {

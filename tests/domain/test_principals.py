@@ -6,7 +6,6 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import pytest
-from given_when_then import by, event, given, history, replay
 
 from domain.access import TEAM_ROLES, Actor
 from domain.errors import NotFound, ValidationFailed
@@ -18,6 +17,7 @@ from domain.principals import (
     team_aggregate_id,
     user_aggregate_id,
 )
+from tests.domain.given_when_then import by, event, given, history, replay
 
 PRINCIPAL_NS = uuid5(NAMESPACE_URL, "https://informer-integrations/principal")
 PROFILE: dict[str, Any] = {

@@ -6,10 +6,10 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import pytest
-from given_when_then import by, event, given, history, replay
 
 from domain.errors import Conflict
 from domain.unique_key import SLUG, USERNAME, UniqueKey, unique_key_id
+from tests.domain.given_when_then import by, event, given, history, replay
 
 R1 = UUID("00000000-0000-4000-8000-0000000000a1")
 R2 = UUID("00000000-0000-4000-8000-0000000000a2")

@@ -120,7 +120,7 @@ class UserController(Controller):
         services: NamedDependency[Services],
         actor: NamedDependency[Actor],
         user_id: Id,
-        data: JSONBody[TokenBody] | None = None,
+        data: JSONBody[TokenBody | None] = None,
     ) -> Response[Any]:
         written = services.app.issue_token(actor, user_id, data.label if data else "")
         issued = written.value
@@ -191,7 +191,7 @@ class TeamController(Controller):
         actor: NamedDependency[Actor],
         team_id: Id,
         user_id: Id,
-        data: JSONBody[MemberBody] | None = None,
+        data: JSONBody[MemberBody | None] = None,
     ) -> Response[Any]:
         written = services.app.set_member(actor, team_id, user_id, data.role if data else "member")
         team = written.value
@@ -247,8 +247,17 @@ class AuthController(Controller):
             if written.position is not None:
                 services.waiter.wait(written.position, services.config.read_your_writes_timeout)
         response: Response[None] = Response(None, status_code=204)
-        response.delete_cookie(SESSION_COOKIE)
-        response.delete_cookie("__Host-" + SESSION_COOKIE)
+        secure = services.config.secure_cookies
+        response.set_cookie(
+            ("__Host-" if secure else "") + SESSION_COOKIE,
+            "",
+            path="/",
+            max_age=0,
+            expires=0,
+            httponly=True,
+            secure=secure,
+            samesite="lax",
+        )
         return response
 
     @get("/me", sync_to_thread=True, summary="The authenticated caller")

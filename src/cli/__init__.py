@@ -1,0 +1,1 @@
+"""The ``integrations`` command: serve, projections, events, keys, principals. The composition root."""
