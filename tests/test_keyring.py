@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from commands.ports import VaultError
-from tests.conftest import TEST_MASTER_KEY
 from infrastructure.keyring import Keyring, generate_key, key_id, load_keyring
 from infrastructure.passwords import ScryptHasher
 from infrastructure.settings import Settings, SettingsError
+from tests.conftest import TEST_MASTER_KEY
 
 K1 = TEST_MASTER_KEY
 K1_BYTES = base64.b64decode(K1)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from commands.ports import SecretRef, VaultError
-from tests.conftest import TEST_MASTER_KEY
 from infrastructure.keyring import Keyring, generate_key
 from infrastructure.settings import Settings
 from infrastructure.vault import EnvelopeVault, PostgresVault, SqliteVault, open_vault
+from tests.conftest import TEST_MASTER_KEY
 
 K1 = TEST_MASTER_KEY
 K2 = generate_key()
