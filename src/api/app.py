@@ -22,6 +22,7 @@ from api.controllers.identity import AuthController, TeamController, UserControl
 from api.controllers.integrations import IntegrationController
 from api.controllers.sharing import SharingController
 from api.errors import EXCEPTION_HANDLERS
+from api.guards import check_input
 from api.services import Services
 
 log = logging.getLogger("integrations.api")
@@ -71,6 +72,7 @@ def create_app(services: Services) -> Litestar:
         lifespan=[lifespan],
         state=State({"services": services}),
         middleware=[DefineMiddleware(TokenAuthentication, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        before_request=check_input,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=openapi,
         request_max_body_size=services.config.max_body_bytes,

@@ -53,17 +53,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     runtime = build_runtime(settings)
     log.info("serving on http://%s:%d (%s store)", args.host, args.port, settings.backend)
-    uvicorn.run(
-        create_app(runtime.services),
-        host=args.host,
-        port=args.port,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        proxy_headers=False,
-        server_header=False,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime.services),
+            host=args.host,
+            port=args.port,
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+            proxy_headers=False,
+            server_header=False,
+        )
     )
-    return 0
+
+    def stop(*_: object) -> None:
+        server.should_exit = True
+
+    # uvicorn handles SIGTERM/SIGINT itself while it serves, and after its graceful shutdown re-raises
+    # the signal to the handler it found: with the default one the process died of the signal (-15)
+    # instead of exiting 0. This one also covers a signal that arrives before uvicorn's are installed.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run()
+    return 0 if server.started else 3  # 3: startup failed (port in use, lifespan error), as uvicorn.run
 
 
 def cmd_projections(args: argparse.Namespace) -> int:

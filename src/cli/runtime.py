@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -160,21 +161,37 @@ def _check_keys(settings: Settings) -> None:
         )
 
 
+@contextmanager
+def _creating_tables(settings: Settings) -> Iterator[None]:
+    """One process at a time creates the tables. On a fresh PostgreSQL schema, a server and a
+    projection worker started together raced on ``CREATE TABLE IF NOT EXISTS`` (a unique violation
+    in ``pg_type``) and one of them died. SQLite serialises DDL itself."""
+    if settings.postgres is None:
+        yield
+        return
+    import psycopg
+
+    with psycopg.connect(settings.postgres.conninfo(), autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"integrations-ddl:{settings.postgres.schema}",))
+        yield  # closing the connection releases the lock
+
+
 def build_runtime(settings: Settings, *, inline_projections: bool | None = None) -> Runtime:
     """Everything the server needs. Projections run inline unless configured as external."""
     _check_keys(settings)
     keyring = load_keyring(settings)
-    vault = open_vault(settings, keyring)
     env_for = partial(projection_env, settings)
-    app = IntegrationsApp(
-        application_env(settings),
-        vault=vault,
-        hasher=ScryptHasher(),
-        url_policy=UrlPolicy(settings.allow_http_hosts),
-        session_ttl=timedelta(seconds=settings.session_ttl_seconds),
-    )
-    generations = Generations.open(env_for(Generations.NAME))
-    views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
+    with _creating_tables(settings):
+        vault = open_vault(settings, keyring)
+        app = IntegrationsApp(
+            application_env(settings),
+            vault=vault,
+            hasher=ScryptHasher(),
+            url_policy=UrlPolicy(settings.allow_http_hosts),
+            session_ttl=timedelta(seconds=settings.session_ttl_seconds),
+        )
+        generations = Generations.open(env_for(Generations.NAME))
+        views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
     inline = settings.projections == "inline" if inline_projections is None else inline_projections
     supervisor = ProjectionSupervisor(IntegrationsApp, env_for, generations=generations) if inline else None
     runtime = Runtime(settings, app, vault, generations, views, supervisor)
@@ -208,8 +225,10 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
 
 def _offline_app(settings: Settings) -> tuple[IntegrationsApp, EnvelopeVault]:
     _check_keys(settings)
-    vault = open_vault(settings, load_keyring(settings))
-    return IntegrationsApp(application_env(settings), vault=vault, hasher=ScryptHasher()), vault
+    keyring = load_keyring(settings)
+    with _creating_tables(settings):
+        vault = open_vault(settings, keyring)
+        return IntegrationsApp(application_env(settings), vault=vault, hasher=ScryptHasher()), vault
 
 
 def projection_status(settings: Settings) -> dict[str, Any]:
@@ -247,9 +266,12 @@ def rebuild_projections(settings: Settings, name: str | None, *, drop_old: bool)
 
 def run_projection_workers(settings: Settings, name: str | None, stop: threading.Event) -> None:
     env_for = partial(projection_env, settings)
-    IntegrationsApp(application_env(settings)).close()  # creates the event store's tables if missing
-    generations = Generations.open(env_for(Generations.NAME))
     names = [name] if name else list(READ_MODELS)
+    with _creating_tables(settings):
+        IntegrationsApp(application_env(settings)).close()  # creates the event store's tables if missing
+        generations = Generations.open(env_for(Generations.NAME))
+        for read_model in names:
+            LiveView(read_model, env_for, generations).close()  # and the active generations' views
     supervisor = ProjectionSupervisor(IntegrationsApp, env_for, read_models=names, generations=generations)
     supervisor.start()
     log.info("projection workers running: %s", ", ".join(names))

@@ -35,6 +35,9 @@ def visible_to(actor: Actor) -> tuple[str, ...] | None:
 
 def consistent_read(services: Services, actor: Actor, wait_for: int | None = None) -> None:
     """Before a read-model query: wait (bounded) until it includes the caller's own writes."""
+    if wait_for is not None and wait_for > (services.app.recorder.max_notification_id() or 0):
+        # No write returned that position, so no wait could end: a client error, not a 503 in 5 s.
+        raise ApiError(400, "X-Wait-For-Position is beyond the end of the event log; send a position a write returned.")
     position = max(filter(None, (services.writes.last(actor.id), wait_for)), default=None)
     if position is not None and not services.waiter.wait(position, services.config.read_your_writes_timeout):
         raise ApiError(503, "The read model is behind; retry shortly.", headers={"Retry-After": "1"})

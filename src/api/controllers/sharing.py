@@ -10,6 +10,8 @@ from litestar.params import FromPath, JSONBody, PathParameter
 
 from api import render
 from api.controllers.common import resolve_integration, write_response
+from api.errors import ApiError
+from api.guards import MAX_INT32
 from api.services import Services
 from commands.messages import OwnerBody, ShareBody
 from domain.access import Actor, normalise_principal
@@ -76,6 +78,12 @@ class SharingController(Controller):
         principal_id: PrincipalId,
         data: JSONBody[ShareBody],
     ) -> Response[Any]:
+        if data.access_level > MAX_INT32:  # levels above 3 count as 3 (ADR 0005); the read model holds 32 bits
+            raise ApiError(
+                400,
+                f"accessLevel must be at most {MAX_INT32}.",
+                [{"field": "accessLevel", "message": f"must be at most {MAX_INT32}"}],
+            )
         iid = resolve_integration(services, actor, ident)
         pid = normalise_principal(principal_id)
         written = services.app.share_integration(actor, iid, pid, data.access_level)
