@@ -40,6 +40,15 @@ def _integration_response(services: Services, actor: Actor, written: Any, status
     )
 
 
+def _update(
+    services: Services, actor: Actor, ident: str, data: IntegrationBody, if_match: str | None, *, partial: bool
+) -> Response[Any]:
+    iid = resolve_integration(services, actor, ident)
+    expected = parse_if_match(if_match)
+    written = services.app.update_integration(actor, iid, data, partial=partial, expected_version=expected)
+    return _integration_response(services, actor, written)
+
+
 class IntegrationController(Controller):
     path = "/api"
     tags = ["integrations"]
@@ -105,11 +114,7 @@ class IntegrationController(Controller):
         data: JSONBody[IntegrationBody],
         if_match: IfMatch,
     ) -> Response[Any]:
-        iid = resolve_integration(services, actor, ident)
-        written = services.app.update_integration(
-            actor, iid, data, partial=False, expected_version=parse_if_match(if_match)
-        )
-        return _integration_response(services, actor, written)
+        return _update(services, actor, ident, data, if_match, partial=False)
 
     @patch("/integrations/{ident:str}", sync_to_thread=True, summary="Change some fields (null removes or clears)")
     def update(
@@ -120,11 +125,7 @@ class IntegrationController(Controller):
         data: JSONBody[IntegrationBody],
         if_match: IfMatch,
     ) -> Response[Any]:
-        iid = resolve_integration(services, actor, ident)
-        written = services.app.update_integration(
-            actor, iid, data, partial=True, expected_version=parse_if_match(if_match)
-        )
-        return _integration_response(services, actor, written)
+        return _update(services, actor, ident, data, if_match, partial=True)
 
     @delete("/integrations/{ident:str}", sync_to_thread=True, status_code=204, summary="Delete (and crypto-shred)")
     def remove(
