@@ -65,6 +65,9 @@ def test_user_by_token_hash_with_team_roles(view: Any, given: dict[str, Any]) ->
         "created_at": alice.created_on.isoformat(timespec="microseconds"),
         "updated_at": alice.modified_on.isoformat(timespec="microseconds"),
         "team_roles": {"eng": "admin"},  # ops was removed
+        "token_id": "t1",
+        "token_kind": "api",
+        "token_expires_at": None,
     }
     assert view.user_by_token_hash("hash-2") is None  # revoked
     assert view.user_by_token_hash("hash-3") is None  # its user was removed

@@ -36,14 +36,16 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS {memberships_by_user} ON {memberships} (user_id)",
     "CREATE TABLE IF NOT EXISTS {tokens} ("
     "token_hash {key} PRIMARY KEY, token_id {key} NOT NULL, user_id {key} NOT NULL, label TEXT NOT NULL, "
-    "created_at {key} NOT NULL)",
+    "kind TEXT NOT NULL, expires_at TEXT, created_at {key} NOT NULL)",
     "CREATE INDEX IF NOT EXISTS {tokens_by_user} ON {tokens} (user_id, token_id)",
 )
 
 _UPSERT_USER = upsert("users", _USER_COLUMNS, ("user_id",))
 _UPSERT_TEAM = upsert("teams", ("team_id", "aggregate_id", "name", "created_at"), ("team_id",))
 _SET_MEMBER = upsert("memberships", ("team_id", "user_id", "role"), ("team_id", "user_id"))
-_ADD_TOKEN = upsert("tokens", ("token_hash", "token_id", "user_id", "label", "created_at"), ("token_hash",))
+_ADD_TOKEN = upsert(
+    "tokens", ("token_hash", "token_id", "user_id", "label", "kind", "expires_at", "created_at"), ("token_hash",)
+)
 _ROLES = "SELECT team_id, role FROM {memberships} WHERE user_id = %s"
 
 
@@ -120,7 +122,11 @@ class SQLPrincipalsView(PrincipalsView, SQLView):
         elif isinstance(e, User.PasswordSet):
             user["password"] = e.secret
         elif isinstance(e, User.TokenIssued):
-            self.execute(cur, _ADD_TOKEN, (e.token_hash, e.token_id, user_id, e.label, iso(e.timestamp)))
+            self.execute(
+                cur,
+                _ADD_TOKEN,
+                (e.token_hash, e.token_id, user_id, e.label, e.kind, e.expires_at, iso(e.timestamp)),
+            )
         elif isinstance(e, User.TokenRevoked):
             self.execute(cur, "DELETE FROM {tokens} WHERE user_id = %s AND token_id = %s", (user_id, e.token_id))
         self._save_user(cur, user)
@@ -150,16 +156,23 @@ class SQLPrincipalsView(PrincipalsView, SQLView):
         user["team_roles"] = {r["team_id"]: r["role"] for r in roles}
         return user
 
-    def _user_where(self, where: str, param: str) -> dict[str, Any] | None:
+    def _user_where(self, where: str, param: str, extra: str = "") -> dict[str, Any] | None:
         with self._reading() as cur:
-            row = self.fetch_one(cur, f"SELECT u.* FROM {{users}} u {where}", (param,))
+            row = self.fetch_one(cur, f"SELECT u.*{extra} FROM {{users}} u {where}", (param,))
             if row is None:
                 return None
             cur.execute(self.sql(_ROLES), (row["user_id"],))
-            return self._user_out(row, [dict(r) for r in cur.fetchall()])
+            user = self._user_out(row, [dict(r) for r in cur.fetchall()])
+            user.update({k: row[k] for k in ("token_id", "token_kind", "token_expires_at") if k in row})
+            return user
 
     def user_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
-        return self._user_where("JOIN {tokens} t ON t.user_id = u.user_id WHERE t.token_hash = %s", token_hash)
+        """The user, plus ``token_id``, ``token_kind`` ("api" | "session") and ``token_expires_at``."""
+        return self._user_where(
+            "JOIN {tokens} t ON t.user_id = u.user_id WHERE t.token_hash = %s",
+            token_hash,
+            extra=", t.token_id AS token_id, t.kind AS token_kind, t.expires_at AS token_expires_at",
+        )
 
     def user_by_username(self, username: str) -> dict[str, Any] | None:
         return self._user_where("WHERE u.username = %s", username)

@@ -87,9 +87,29 @@ def test_login_cookie_session_and_logout(api: Api) -> None:
     assert api.client.get("/api/me").json()["id"] == "sam"  # the client keeps the cookie
     r = api.client.post("/api/integrations", json={"name": "X"}, headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
+    session = api.client.cookies.get("integrations_session")
     assert api.client.post("/api/auth/logout").status_code == 204
-    api.client.cookies.clear()
+    assert api.client.get("/api/me").status_code == 401  # the cookie was cleared
+    api.client.cookies.set("integrations_session", session)  # a stolen copy of it is dead too
     assert api.client.get("/api/me").status_code == 401
+    api.client.cookies.clear()
+
+
+def test_expired_session_is_rejected(api: Api) -> None:
+    from datetime import timedelta
+
+    api.client.post("/api/users", json={"id": "sue", "password": "correct horse battery"}, headers=api.admin)
+    api.runtime.services.app.session_ttl = timedelta(seconds=-1)  # sessions issued from now on are already expired
+    r = api.client.post("/api/auth/login", json={"username": "sue", "password": "correct horse battery"})
+    assert r.status_code == 200
+    assert api.client.get("/api/me").status_code == 401
+    api.client.cookies.clear()
+
+
+def test_logout_with_an_api_token_does_not_revoke_it(api: Api) -> None:
+    bob = api.user("bob")
+    assert api.client.post("/api/auth/logout", headers=bob).status_code == 204
+    assert api.client.get("/api/me", headers=bob).status_code == 200
 
 
 def test_admin_bootstrap_is_idempotent(api: Api) -> None:
