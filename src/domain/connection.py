@@ -1,0 +1,198 @@
+"""The Connection aggregate: one account linked to an integration (per user, or one shared).
+
+Token values never enter an event: ``Established`` and ``TokenRefreshed`` carry vault references
+(``{"ref", "fingerprint"}``) and metadata (expiry, scopes, account). ``generation`` counts the
+credential versions, so a refresher that took the lock can tell whether someone else already
+rotated the tokens it was about to refresh (double-check after acquiring, security note §4.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from domain.audit import AuditedAggregate
+from domain.errors import Conflict
+
+_NS = uuid5(NAMESPACE_URL, "https://informer-integrations/connection")
+SHARED_OWNER = "*shared*"
+
+CONNECTED = "connected"
+REAUTHORIZATION_REQUIRED = "reauthorization_required"
+REVOKED = "revoked"
+
+Ref = dict[str, str]
+
+
+def connection_id(integration_id: UUID, owner_id: str | None) -> UUID:
+    """Per-user connections are keyed by the user; the shared one by :data:`SHARED_OWNER`."""
+    return uuid5(_NS, f"{integration_id}:{owner_id or SHARED_OWNER}")
+
+
+class Connection(AuditedAggregate):
+    TOPIC = "integrations/Connection"
+
+    class Created(AuditedAggregate.Created):
+        TOPIC = "integrations/Connection.Created.v1"
+        integration_id: UUID
+        owner_id: str  # the connecting user; SHARED_OWNER for the shared connection
+        shared: bool
+
+    class Established(AuditedAggregate.Event):
+        TOPIC = "integrations/Connection.Established.v1"
+        auth_type: str
+        credentials: dict[str, Ref]  # "access_token", "refresh_token", "api_key", "password", ...
+        scopes: list[str]
+        token_expires_at: str | None
+        refresh_token_expires_at: str | None
+        account: dict[str, str] | None  # {"name", "email", "sub"} when the provider tells
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.status = CONNECTED
+            aggregate.auth_type = self.auth_type
+            aggregate.credentials = dict(self.credentials)
+            aggregate.scopes = list(self.scopes)
+            aggregate.token_expires_at = self.token_expires_at
+            aggregate.refresh_token_expires_at = self.refresh_token_expires_at
+            aggregate.account = self.account
+            aggregate.last_authorized_at = self.timestamp.isoformat()
+            aggregate.last_error = None
+            aggregate.failures = 0
+            aggregate.generation += 1
+
+    class TokenRefreshed(AuditedAggregate.Event):
+        TOPIC = "integrations/Connection.TokenRefreshed.v1"
+        access_token: Ref
+        refresh_token: Ref | None  # None: the provider sent none, the old one stays (OA-13)
+        scopes: list[str]
+        token_expires_at: str | None
+        refresh_token_expires_at: str | None
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.credentials["access_token"] = self.access_token
+            if self.refresh_token is not None:
+                aggregate.credentials["refresh_token"] = self.refresh_token
+            if self.scopes:
+                aggregate.scopes = list(self.scopes)
+            aggregate.token_expires_at = self.token_expires_at
+            if self.refresh_token_expires_at is not None or self.refresh_token is not None:
+                aggregate.refresh_token_expires_at = self.refresh_token_expires_at
+            aggregate.last_refreshed_at = self.timestamp.isoformat()
+            aggregate.last_error = None
+            aggregate.failures = 0
+            aggregate.generation += 1
+
+    class TokenRefreshFailed(AuditedAggregate.Event):
+        TOPIC = "integrations/Connection.TokenRefreshFailed.v1"
+        error: str  # an OAuth error code or a transport class, never a provider's free text
+        kind: str  # "transient" | "configuration"
+        retry_after: float | None
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.last_error = {"error": self.error, "kind": self.kind, "at": self.timestamp.isoformat()}
+            aggregate.failures += 1
+
+    class ReauthorizationRequired(AuditedAggregate.Event):
+        TOPIC = "integrations/Connection.ReauthorizationRequired.v1"
+        reason: str  # "invalid_grant", "integration_repointed", ...
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.status = REAUTHORIZATION_REQUIRED
+            aggregate.last_error = {"error": self.reason, "kind": "reauthorization", "at": self.timestamp.isoformat()}
+            aggregate.credentials = {}
+            aggregate.generation += 1
+
+    class Revoked(AuditedAggregate.Event):
+        TOPIC = "integrations/Connection.Revoked.v1"
+        reason: str  # "disconnected", "integration_deleted", "user_removed"
+        provider_revocation: str  # "done", "pending" (retried later), "not_supported"
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.status = REVOKED
+            aggregate.credentials = {}
+            aggregate.generation += 1
+
+    @staticmethod
+    def create_id(integration_id: UUID, owner_id: str, shared: bool) -> UUID:
+        return connection_id(integration_id, None if shared else owner_id)
+
+    def __init__(self, integration_id: UUID, owner_id: str, shared: bool) -> None:
+        self.integration_id = integration_id
+        self.owner_id = owner_id
+        self.shared = shared
+        self.status = REVOKED  # nothing usable until Established
+        self.auth_type = ""
+        self.credentials: dict[str, Ref] = {}
+        self.scopes: list[str] = []
+        self.token_expires_at: str | None = None
+        self.refresh_token_expires_at: str | None = None
+        self.account: dict[str, str] | None = None
+        self.last_authorized_at: str | None = None
+        self.last_refreshed_at: str | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.failures = 0
+        self.generation = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.status == CONNECTED
+
+    def establish(
+        self,
+        *,
+        auth_type: str,
+        credentials: dict[str, Ref],
+        scopes: list[str],
+        token_expires_at: str | None,
+        refresh_token_expires_at: str | None,
+        account: dict[str, str] | None,
+    ) -> None:
+        """A new authorization (connect or re-connect) replaces whatever was there."""
+        self.trigger_event(
+            self.Established,
+            auth_type=auth_type,
+            credentials=credentials,
+            scopes=scopes,
+            token_expires_at=token_expires_at,
+            refresh_token_expires_at=refresh_token_expires_at,
+            account=account,
+        )
+
+    def refreshed(
+        self,
+        *,
+        generation: int,
+        access_token: Ref,
+        refresh_token: Ref | None,
+        scopes: list[str],
+        token_expires_at: str | None,
+        refresh_token_expires_at: str | None,
+    ) -> None:
+        """Record a refresh made from credential ``generation`` (the one the refresher read)."""
+        self._expect(generation)
+        self.trigger_event(
+            self.TokenRefreshed,
+            access_token=access_token,
+            refresh_token=refresh_token,
+            scopes=scopes,
+            token_expires_at=token_expires_at,
+            refresh_token_expires_at=refresh_token_expires_at,
+        )
+
+    def refresh_failed(self, *, generation: int, error: str, kind: str, retry_after: float | None) -> None:
+        self._expect(generation)
+        self.trigger_event(self.TokenRefreshFailed, error=error, kind=kind, retry_after=retry_after)
+
+    def require_reauthorization(self, reason: str) -> None:
+        if self.status == CONNECTED:
+            self.trigger_event(self.ReauthorizationRequired, reason=reason)
+
+    def revoke(self, *, reason: str, provider_revocation: str) -> None:
+        if self.status != REVOKED:
+            self.trigger_event(self.Revoked, reason=reason, provider_revocation=provider_revocation)
+
+    def _expect(self, generation: int) -> None:
+        if not self.usable:
+            raise Conflict("The connection is not connected any more.", {"status": self.status})
+        if generation != self.generation:
+            raise Conflict("The credentials changed since they were read.", {"generation": self.generation})
