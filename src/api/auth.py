@@ -61,7 +61,11 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
         if not token or len(token) > 512:
             raise NotAuthorizedException("Authentication required: send a Bearer API token or log in.")
         hashed = token_hash(token)
-        row = await anyio.to_thread.run_sync(services.principals.user_by_token_hash, hashed)
+        row = services.auth_cache.get(hashed)
+        if row is None:
+            row = await anyio.to_thread.run_sync(services.principals.user_by_token_hash, hashed)
+            if row is not None:
+                services.auth_cache.put(hashed, row)
         if row is None or _expired(row):
             raise NotAuthorizedException("The token is not valid (unknown, revoked or expired).")
         if from_cookie and connection.scope.get("method") in _UNSAFE:

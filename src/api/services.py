@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class ApiConfig:
     max_body_bytes: int = 1_000_000
     session_ttl_seconds: int = 8 * 3600
     ready_max_lag: int = 1000
+    auth_cache_seconds: float = 2.0
 
     @property
     def secure_cookies(self) -> bool:
@@ -52,6 +54,7 @@ class Services:
     on_stop: Callable[[], None] = lambda: None
     ready_check: Callable[[], dict[str, Any]] = lambda: {"store": "ok"}
     writes: ReadYourWrites = field(default_factory=lambda: ReadYourWrites())
+    auth_cache: AuthCache = field(default_factory=lambda: AuthCache())
 
 
 class ReadYourWrites:
@@ -78,3 +81,41 @@ class ReadYourWrites:
     def last(self, principal_id: str) -> int | None:
         with self._lock:
             return self._positions.get(principal_id)
+
+
+class AuthCache:
+    """Token hash -> principals row, for a few seconds (``INTEGRATIONS_AUTH_CACHE_SECONDS``).
+
+    Saves a read-model query on every request. Identity writes in this process clear it at
+    once; in another process a revoked token or a changed membership takes effect within the
+    TTL. A TTL of 0 turns it off.
+    """
+
+    def __init__(self, ttl: float = 2.0, capacity: int = 10_000) -> None:
+        self.ttl = ttl
+        self._rows: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._capacity = capacity
+
+    def get(self, token_hash: str) -> dict[str, Any] | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            hit = self._rows.get(token_hash)
+            if hit is None or hit[0] < time.monotonic():
+                self._rows.pop(token_hash, None)
+                return None
+            return hit[1]
+
+    def put(self, token_hash: str, row: dict[str, Any]) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._rows[token_hash] = (time.monotonic() + self.ttl, row)
+            self._rows.move_to_end(token_hash)
+            while len(self._rows) > self._capacity:
+                self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()

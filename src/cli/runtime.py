@@ -212,11 +212,13 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
             max_body_bytes=settings.max_body_bytes,
             session_ttl_seconds=settings.session_ttl_seconds,
             ready_max_lag=settings.ready_max_lag,
+            auth_cache_seconds=settings.auth_cache_seconds,
         ),
         on_start=runtime.start,
         on_stop=runtime.close,
         ready_check=runtime.ready_check,
     )
+    runtime.services.auth_cache.ttl = settings.auth_cache_seconds
     return runtime
 
 

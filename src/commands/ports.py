@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 from uuid import UUID
 
@@ -19,6 +19,10 @@ class VaultError(Exception):
 class SecretsVault(Protocol):
     def seal(self, owner_id: UUID, field: str, plaintext: str) -> SecretRef:
         """Encrypt and store ``plaintext`` for ``owner_id``'s ``field``; durable on return."""
+        ...
+
+    def seal_many(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> dict[str, SecretRef]:
+        """Several fields of one owner, atomically (one transaction)."""
         ...
 
     def open(self, owner_id: UUID, field: str, ref: str) -> str:

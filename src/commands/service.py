@@ -179,8 +179,19 @@ class IntegrationsApp(Application[UUID]):
         integration_id = uuid4()
         refs = self._seal_all(integration_id, plain)
 
+        tries = 0
+
         def attempt() -> Written[Integration]:
-            index = self._claim(SLUG, f"{owner_id}:{slug}", integration_id)
+            nonlocal tries
+            tries += 1
+            key = f"{owner_id}:{slug}"
+            # Most slugs are new: claim without reading first. If the key exists, the save
+            # collides on its primary key and the retry reads it (taken -> 409, released -> reuse).
+            index = (
+                UniqueKey(namespace=SLUG, key=key, ref=integration_id)
+                if tries == 1
+                else self._claim(SLUG, key, integration_id)
+            )
             integration = Integration.new(integration_id, owner_id=owner_id, slug=slug, settings=settings, secrets=refs)
             return Written(integration, self._store(integration, index))
 
@@ -318,7 +329,9 @@ class IntegrationsApp(Application[UUID]):
                 raise NotFound(f"Unknown principal '{principal_id}'.")
 
     def _seal_all(self, owner: UUID, plaintexts: dict[str, str]) -> dict[str, dict[str, str]]:
-        return {f: dict(self.vault.seal(owner, f, v)) for f, v in plaintexts.items()}
+        if not plaintexts:
+            return {}
+        return {f: dict(ref) for f, ref in self.vault.seal_many(owner, plaintexts).items()}
 
     # ------------------------------------------------------------------ users
 

@@ -63,6 +63,7 @@ class Settings:
     ready_max_lag: int = 1000
     session_ttl_seconds: int = 8 * 3600
     max_body_bytes: int = 1_000_000
+    auth_cache_seconds: float = 2.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -89,7 +90,7 @@ class Settings:
         if projections not in ("inline", "external"):
             raise SettingsError("INTEGRATIONS_PROJECTIONS must be 'inline' or 'external'")
 
-        def number(name: str, default: float, kind: type = int) -> Any:
+        def number(name: str, default: float, kind: type = int, allow_zero: bool = False) -> Any:
             raw = get(name)
             if raw is None:
                 return default
@@ -97,7 +98,7 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise SettingsError(f"{ENV_PREFIX}{name} must be a number") from None
-            if value <= 0:
+            if value < 0 or (value == 0 and not allow_zero):
                 raise SettingsError(f"{ENV_PREFIX}{name} must be positive")
             return value
 
@@ -115,5 +116,6 @@ class Settings:
             ready_max_lag=number("READY_MAX_LAG", cls.ready_max_lag),
             session_ttl_seconds=number("SESSION_TTL_SECONDS", cls.session_ttl_seconds),
             max_body_bytes=number("MAX_BODY_BYTES", cls.max_body_bytes),
+            auth_cache_seconds=number("AUTH_CACHE_SECONDS", cls.auth_cache_seconds, float, allow_zero=True),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import sqlite3
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,29 +168,45 @@ class EnvelopeVault(ABC):
     # -- SecretsVault
 
     def seal(self, owner_id: UUID, field: str, plaintext: str) -> SecretRef:
+        return self.seal_many(owner_id, {field: plaintext})[field]
+
+    def seal_many(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> dict[str, SecretRef]:
+        """Seal several fields of one owner in one transaction (one commit, data key included)."""
         owner = _owner(owner_id)
-        if not isinstance(field, str) or not field:
-            raise VaultError("a secret needs a field name")
-        if not isinstance(plaintext, str):
-            raise VaultError("a secret must be a string")
+        for field, plaintext in plaintexts.items():
+            if not isinstance(field, str) or not field:
+                raise VaultError("a secret needs a field name")
+            if not isinstance(plaintext, str):
+                raise VaultError("a secret must be a string")
+        aad = _dek_aad(owner)
         for _ in range(_SEAL_ATTEMPTS):
-            dek = self._data_key(owner, create=True)
-            ref = uuid4().hex
-            nonce = os.urandom(NONCE_BYTES)
-            sealed = nonce + AESGCM(dek).encrypt(nonce, plaintext.encode(), _secret_aad(owner, field, ref))
             try:
                 with self._transaction(write=True) as conn:
-                    conn.execute(self._dialect.render(_INSERT_SEALED), (ref, owner, field, _SECRET_FORMAT + sealed))
+                    rows = self._rows(conn, _SELECT_DEK, (owner,))
+                    if not rows:
+                        wrapped = self.keyring.wrap(AESGCM.generate_key(bit_length=DEK_BYTES * 8), aad)
+                        conn.execute(self._dialect.render(_INSERT_DEK), (owner, self.keyring.active_kid, wrapped))
+                        rows = self._rows(conn, _SELECT_DEK, (owner,))
+                    dek = self.keyring.unwrap(bytes(rows[0][0]), aad)
+                    refs = {}
+                    for field, plaintext in plaintexts.items():
+                        ref = uuid4().hex
+                        nonce = os.urandom(NONCE_BYTES)
+                        aead = AESGCM(dek).encrypt(nonce, plaintext.encode(), _secret_aad(owner, field, ref))
+                        conn.execute(
+                            self._dialect.render(_INSERT_SEALED), (ref, owner, field, _SECRET_FORMAT + nonce + aead)
+                        )
+                        refs[field] = SecretRef({"ref": ref, "fingerprint": _fingerprint(dek, field, plaintext)})
             except self._integrity_errors:
                 continue  # the owner was shredded between reading its key and writing: start over
-            return SecretRef({"ref": ref, "fingerprint": _fingerprint(dek, field, plaintext)})
+            return refs
         raise VaultError(f"could not seal a secret for owner {owner}: its data key keeps disappearing")
 
     def open(self, owner_id: UUID, field: str, ref: str) -> str:
         owner = _owner(owner_id)
         if not _valid_ref(ref):
             raise VaultError("not a secret reference")
-        dek = self._data_key(owner, create=False)
+        dek = self._data_key(owner)
         with self._transaction(write=False) as conn:
             rows = self._rows(conn, _SELECT_SEALED, (ref, owner))
         if not rows:
@@ -239,16 +255,11 @@ class EnvelopeVault(ABC):
         with self._transaction(write=False) as conn:
             return {kid: int(count) for kid, count in self._rows(conn, _KEY_USAGE)}
 
-    def _data_key(self, owner: str, create: bool) -> bytes:
-        """The owner's DEK, created if asked; race-safe: insert-if-absent, then read the winner."""
+    def _data_key(self, owner: str) -> bytes:
+        """The owner's existing DEK (``seal_many`` creates it, race-safe, inside its transaction)."""
         aad = _dek_aad(owner)
         with self._transaction(write=False) as conn:
             rows = self._rows(conn, _SELECT_DEK, (owner,))
-        if not rows and create:
-            wrapped = self.keyring.wrap(AESGCM.generate_key(bit_length=DEK_BYTES * 8), aad)
-            with self._transaction(write=True) as conn:
-                conn.execute(self._dialect.render(_INSERT_DEK), (owner, self.keyring.active_kid, wrapped))
-                rows = self._rows(conn, _SELECT_DEK, (owner,))
         if not rows:
             raise VaultError(f"no data key for owner {owner} (shredded, or nothing sealed yet)")
         return self.keyring.unwrap(bytes(rows[0][0]), aad)

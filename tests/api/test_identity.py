@@ -117,3 +117,24 @@ def test_admin_bootstrap_is_idempotent(api: Api) -> None:
     assert app.ensure_admin(ADMIN_TOKEN) is None
     admin = app.user("admin")
     assert [t for t in admin.tokens] == ["bootstrap"]
+
+
+def test_auth_cache_ttl_bounds_how_long_another_process_revocation_takes(api: Api) -> None:
+    """A revocation made by another server process applies here once the short cache expires."""
+    import time
+
+    from cli.runtime import build_runtime
+    from domain.access import Actor
+
+    api.runtime.services.auth_cache.ttl = 0.5
+    bob = api.user("bob")
+    token_id = api.client.get("/api/users/bob/tokens", headers=api.admin).json()[0]["id"]
+    assert api.client.get("/api/me", headers=bob).status_code == 200  # cached now
+    other = build_runtime(api.runtime.settings)
+    try:
+        written = other.services.app.revoke_token(Actor(id="admin", superuser=True), "bob", token_id)
+    finally:
+        other.close()
+    assert api.runtime.services.waiter.wait(written.position, 5)
+    time.sleep(0.6)
+    assert api.client.get("/api/me", headers=bob).status_code == 401

@@ -98,4 +98,5 @@ def write_response(
         out[POSITION_HEADER] = str(written.position)
         if wait:
             services.waiter.wait(written.position, services.config.read_your_writes_timeout)
+            services.auth_cache.clear()  # an identity change: never authenticate from the old rows
     return Response(content=content, status_code=status, headers=out)

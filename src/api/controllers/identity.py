@@ -246,6 +246,7 @@ class AuthController(Controller):
             written = services.app.logout(actor.id, row["token_id"])
             if written.position is not None:
                 services.waiter.wait(written.position, services.config.read_your_writes_timeout)
+            services.auth_cache.clear()
         response: Response[None] = Response(None, status_code=204)
         secure = services.config.secure_cookies
         response.set_cookie(
