@@ -193,7 +193,9 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
         generations = Generations.open(env_for(Generations.NAME))
         views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
     inline = settings.projections == "inline" if inline_projections is None else inline_projections
-    supervisor = ProjectionSupervisor(IntegrationsApp, env_for, generations=generations) if inline else None
+    supervisor = (
+        ProjectionSupervisor(IntegrationsApp, env_for, generations=generations, app=app) if inline else None
+    )
     runtime = Runtime(settings, app, vault, generations, views, supervisor)
     waiter: Any = (
         _SupervisorWaiter(supervisor, settings.ready_max_lag)

@@ -265,6 +265,10 @@ class IntegrationsApp(Application[UUID]):
 
         def attempt() -> Written[dict[str, Any]]:
             integration = self.integration_for(actor, integration_id, AccessLevel.MANAGE)
+            if pid == integration.owner_id:
+                raise ValidationFailed(
+                    "The owner already has every right.", [field_error("principalId", "is the owner")]
+                )
             changed = integration.share(pid, access_level)
             position = self._store(integration) if changed else None
             return Written(integration.shares[pid], position)

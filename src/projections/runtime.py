@@ -353,6 +353,9 @@ class ProjectionSupervisor:
     For the in-server mode (SQLite) and for ``integrations projections run``. With ``generations``
     it follows the active generation of each read model; without, it runs the read models under
     their own names. ``application_class`` is the Application subclass named "integrations".
+    ``wait`` and ``status`` read the event store through ``app`` (for example the server's own
+    application), or through one the supervisor constructs; never through a runner's, which a
+    restart may be closing at that moment.
     """
 
     def __init__(
@@ -366,8 +369,11 @@ class ProjectionSupervisor:
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         grace: float = 30.0,
+        app: Application[Any] | None = None,
     ) -> None:
         self.application_class = application_class
+        self._app = app
+        self._own_app: Application[Any] | None = None
         self.app_name = application_class.name
         self._env_for = env_for
         self._generations = generations
@@ -383,6 +389,8 @@ class ProjectionSupervisor:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> ProjectionSupervisor:
+        if self._app is None:
+            self._app = self._own_app = self.application_class(dict(self._env_for(next(iter(self._workers)))))
         for worker in self._workers.values():
             worker.thread = threading.Thread(
                 target=self._supervise, args=(worker,), name=f"projection-{worker.read_model}", daemon=True
@@ -403,6 +411,9 @@ class ProjectionSupervisor:
                 _close_quietly(worker.view)
                 worker.view = None
         self._retired.close_due(everything=True)
+        if self._own_app is not None:
+            self._own_app.close()
+            self._app = self._own_app = None
         self._notify()
 
     def __enter__(self) -> ProjectionSupervisor:
@@ -450,17 +461,18 @@ class ProjectionSupervisor:
             at = worker.position or 0
             if at >= position or worker.passed >= position:
                 return True
-            runner = worker.runner
-        if runner is None:
+            app = self._app
+        if app is None:
             return False
         try:
-            recorder = runner.app.recorder
+            recorder = app.recorder
             if (recorder.max_notification_id() or 0) < position:
                 return False  # not written yet
             pending = recorder.select_notifications(
                 start=at, limit=1, stop=position, topics=worker.topics, inclusive_of_start=False
             )
-        except Exception:  # the runner's app may be closing under a restart: not passed yet
+        except Exception:  # the store is unreachable: not passed yet
+            log.debug("projection %s: cannot check position %d", worker.read_model, position, exc_info=True)
             return False
         if pending:
             return False
@@ -491,7 +503,7 @@ class ProjectionSupervisor:
             runner = worker.runner
             running = runner is not None and not runner.is_interrupted.is_set()
             try:
-                lag: int | None = self._lag(runner.app, worker, max_lag + 1) if runner is not None else None
+                lag: int | None = None if self._app is None else self._lag(self._app, worker, max_lag + 1)
             except Exception:
                 lag = None
             caught_up = caught_up and running and lag is not None and lag <= max_lag

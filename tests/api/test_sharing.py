@@ -102,3 +102,10 @@ def test_transfer_validation(api: Api) -> None:
     )
     assert api.client.put(f"/api/integrations/{iid}/owner", json={"userId": "ghost"}, headers=alice).status_code == 404
     assert api.client.put(f"/api/integrations/{iid}/owner", json={"teamId": "ops"}, headers=alice).status_code == 403
+
+
+def test_sharing_with_the_owner_is_refused(api: Api) -> None:
+    alice = api.user("alice")
+    iid = api.integration(alice)["id"]
+    r = api.client.put(f"/api/integrations/{iid}/shares/alice", json={"accessLevel": 1}, headers=alice)
+    assert r.status_code == 400 and r.json()["details"][0]["field"] == "principalId"
