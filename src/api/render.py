@@ -48,10 +48,15 @@ def camel(key: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
+_PUBLIC_NAMES = tuple((key, camel(key)) for key in _PUBLIC_SETTINGS)
+
+
 def iso(value: datetime | str | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
+        if len(value) == 32 and value.endswith("+00:00"):  # UTC with microseconds: slice, don't parse
+            return value[:23] + "Z"
         value = datetime.fromisoformat(value)
     value = value.astimezone(UTC)
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
@@ -74,9 +79,9 @@ def integration_doc(integration: Integration) -> dict[str, Any]:
 def integration(doc: dict[str, Any], *, shared: bool | None = None) -> dict[str, Any]:
     settings = doc["settings"]
     out: dict[str, Any] = {"id": str(doc["id"]), "slug": doc["slug"], "ownerId": doc["owner_id"]}
-    for key in _PUBLIC_SETTINGS:
+    for key, name in _PUBLIC_NAMES:
         if key in settings:
-            out[camel(key)] = settings[key]
+            out[name] = settings[key]
     out["supportsUpload"] = settings.get("type") in UPLOAD_TYPES
     secret_fields = set(doc.get("secret_fields") or ())
     for key in SECRET_FIELDS:

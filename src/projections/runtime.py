@@ -468,8 +468,10 @@ class ProjectionSupervisor:
             recorder = app.recorder
             if (recorder.max_notification_id() or 0) < position:
                 return False  # not written yet
+            # Up to ``passed`` it is known that none of its events are pending: start there, or a
+            # read model that rarely gets events (principals) rescans a growing stretch of the log.
             pending = recorder.select_notifications(
-                start=at, limit=1, stop=position, topics=worker.topics, inclusive_of_start=False
+                start=max(at, worker.passed), limit=1, stop=position, topics=worker.topics, inclusive_of_start=False
             )
         except Exception:  # the store is unreachable: not passed yet
             log.debug("projection %s: cannot check position %d", worker.read_model, position, exc_info=True)
@@ -486,7 +488,7 @@ class ProjectionSupervisor:
 
     @staticmethod
     def _lag(app: Application[Any], worker: _Worker, cap: int) -> int:
-        at = worker.position or 0
+        at = max(worker.position or 0, worker.passed)
         head = app.recorder.max_notification_id()
         if head is None or head <= at:
             return 0

@@ -188,7 +188,9 @@ class SQLView(ReadModelView, ABC):
                 for event, _ in fresh:
                     self._apply_event(batch, event)
                 self._flush(batch)
-                self._insert_tracking(cur, fresh[-1][1])
+            # After the pipeline: the tracking insert reads its RETURNING row, and inside a long
+            # pipeline that fetch can meet another statement's result ("didn't produce records").
+            self._insert_tracking(cur, fresh[-1][1])
         return True
 
     def reset(self, application_name: str) -> None:
