@@ -193,9 +193,7 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
         generations = Generations.open(env_for(Generations.NAME))
         views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
     inline = settings.projections == "inline" if inline_projections is None else inline_projections
-    supervisor = (
-        ProjectionSupervisor(IntegrationsApp, env_for, generations=generations, app=app) if inline else None
-    )
+    supervisor = ProjectionSupervisor(IntegrationsApp, env_for, generations=generations, app=app) if inline else None
     runtime = Runtime(settings, app, vault, generations, views, supervisor)
     waiter: Any = (
         _SupervisorWaiter(supervisor, settings.ready_max_lag)
@@ -227,29 +225,34 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
 # ---------------------------------------------------------------------------------- operator commands
 
 
-def _offline_app(settings: Settings) -> tuple[IntegrationsApp, EnvelopeVault]:
+@contextmanager
+def _offline(settings: Settings) -> Iterator[IntegrationsApp]:
+    """The application with its vault, for one operator command; both closed afterwards."""
     _check_keys(settings)
     keyring = load_keyring(settings)
     with _creating_tables(settings):
         vault = open_vault(settings, keyring)
-        return IntegrationsApp(application_env(settings), vault=vault, hasher=ScryptHasher()), vault
+        app = IntegrationsApp(application_env(settings), vault=vault, hasher=ScryptHasher())
+    try:
+        yield app
+    finally:
+        app.close()
+        vault.close()
 
 
 def projection_status(settings: Settings) -> dict[str, Any]:
-    app, vault = _offline_app(settings)
-    env_for = partial(projection_env, settings)
-    generations = Generations.open(env_for(Generations.NAME))
-    views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
-    try:
-        report = _PollingWaiter(app, views, settings.ready_max_lag).status()
-        report["head"] = app.recorder.max_notification_id()
-        return report
-    finally:
-        for v in views.values():
-            v.close()
-        generations.close()
-        app.close()
-        vault.close()
+    with _offline(settings) as app:
+        env_for = partial(projection_env, settings)
+        generations = Generations.open(env_for(Generations.NAME))
+        views = {name: LiveView(name, env_for, generations) for name in READ_MODELS}
+        try:
+            report = _PollingWaiter(app, views, settings.ready_max_lag).status()
+            report["head"] = app.recorder.max_notification_id()
+            return report
+        finally:
+            for v in views.values():
+                v.close()
+            generations.close()
 
 
 def rebuild_projections(settings: Settings, name: str | None, *, drop_old: bool) -> list[dict[str, Any]]:
@@ -257,15 +260,13 @@ def rebuild_projections(settings: Settings, name: str | None, *, drop_old: bool)
     unknown = [n for n in names if n not in READ_MODELS]
     if unknown:
         raise SettingsError(f"unknown read model {unknown[0]!r}; known: {', '.join(READ_MODELS)}")
-    app, vault = _offline_app(settings)
-    env_for = partial(projection_env, settings)
-    generations = Generations.open(env_for(Generations.NAME))
-    try:
-        return [rebuild_blue_green(app, n, env_for, generations, drop_old=drop_old) for n in names]
-    finally:
-        generations.close()
-        app.close()
-        vault.close()
+    with _offline(settings) as app:
+        env_for = partial(projection_env, settings)
+        generations = Generations.open(env_for(Generations.NAME))
+        try:
+            return [rebuild_blue_green(app, n, env_for, generations, drop_old=drop_old) for n in names]
+        finally:
+            generations.close()
 
 
 def run_projection_workers(settings: Settings, name: str | None, stop: threading.Event) -> None:
@@ -310,18 +311,13 @@ def _event_json(e: Any) -> dict[str, Any]:
 
 
 def history(settings: Settings, ident: str) -> Iterator[dict[str, Any]]:
-    app, vault = _offline_app(settings)
-    try:
+    with _offline(settings) as app:
         yield from (_event_json(e) for e in app.history(_resolve_history_id(app, ident)))
-    finally:
-        app.close()
-        vault.close()
 
 
 def export_events(settings: Settings, *, after: int = 0, limit: int | None = None) -> Iterator[str]:
     """The whole notification log as NDJSON, in order (no secrets: events hold references only)."""
-    app, vault = _offline_app(settings)
-    try:
+    with _offline(settings) as app:
         start, sent = after, 0
         while limit is None or sent < limit:
             batch = app.recorder.select_notifications(
@@ -335,16 +331,12 @@ def export_events(settings: Settings, *, after: int = 0, limit: int | None = Non
                 yield json.dumps(entry, default=str)
             sent += len(batch)
             start = batch[-1].id
-    finally:
-        app.close()
-        vault.close()
 
 
 def replay(settings: Settings) -> dict[str, Any]:
     """Re-fold every aggregate from its events (a consistency check of the whole history)."""
-    app, vault = _offline_app(settings)
-    started = time.perf_counter()
-    try:
+    with _offline(settings) as app:
+        started = time.perf_counter()
         ids: set[Any] = set()
         events = 0
         start = 0
@@ -357,9 +349,6 @@ def replay(settings: Settings) -> dict[str, Any]:
             aggregate = app.repository.get(aggregate_id)
             kinds[type(aggregate).__name__] = kinds.get(type(aggregate).__name__, 0) + 1
         return {"events": events, "aggregates": kinds, "seconds": round(time.perf_counter() - started, 3)}
-    finally:
-        app.close()
-        vault.close()
 
 
 def rotate_keys(settings: Settings) -> dict[str, Any]:
@@ -377,19 +366,11 @@ def key_status(settings: Settings) -> dict[str, Any]:
 
 
 def bootstrap_admin(settings: Settings, token: str) -> None:
-    app, vault = _offline_app(settings)
-    try:
+    with _offline(settings) as app:
         app.ensure_admin(token)
-    finally:
-        app.close()
-        vault.close()
 
 
 def issue_token(settings: Settings, user_id: str, label: str) -> str:
-    app, vault = _offline_app(settings)
-    try:
+    with _offline(settings) as app:
         system = Actor(id=SYSTEM_ACTOR, superuser=True)
         return app.issue_token(system, user_id, label).value.token
-    finally:
-        app.close()
-        vault.close()

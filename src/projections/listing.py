@@ -20,7 +20,6 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from eventsourcing.projection import Projection
 from eventsourcing.utils import get_topic
 
 from domain.access import AccessLevel
@@ -32,6 +31,7 @@ from projections.sqlview import (
     ReadModelView,
     SQLiteView,
     SQLView,
+    ViewProjection,
     escape_like,
     iso,
     quote_ident,
@@ -367,7 +367,7 @@ class PostgresListingView(SQLListingView, PostgresView):
         return [*super().ddl(), *(s.replace("{trgm_ops}", ops) for s in _TRIGRAM_DDL)]
 
 
-class IntegrationListing(Projection[ListingView]):
+class IntegrationListing(ViewProjection):
     name = "listing"
     topics = tuple(
         get_topic(cls)
@@ -380,6 +380,3 @@ class IntegrationListing(Projection[ListingView]):
             Integration.Deleted,
         )
     )
-
-    def process_event(self, domain_event: Any, tracking: Any) -> None:
-        self.view.apply(domain_event, tracking)

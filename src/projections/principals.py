@@ -10,12 +10,21 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from eventsourcing.projection import Projection
 from eventsourcing.utils import get_topic
 
 from domain.access import is_team, normalise_principal, team_id_of
 from domain.principals import Team, User
-from projections.sqlview import Batch, PostgresView, ReadModelView, Row, SQLiteView, SQLView, iso, upsert
+from projections.sqlview import (
+    Batch,
+    PostgresView,
+    ReadModelView,
+    Row,
+    SQLiteView,
+    SQLView,
+    ViewProjection,
+    iso,
+    upsert,
+)
 
 _USER_EVENTS = (User.ProfileChanged, User.PasswordSet, User.TokenIssued, User.TokenRevoked, User.Removed)
 _USER_COLUMNS = (
@@ -270,7 +279,7 @@ class PostgresPrincipalsView(SQLPrincipalsView, PostgresView):
     """The identity read model in PostgreSQL tables ``<projection name>_users`` and so on."""
 
 
-class Principals(Projection[PrincipalsView]):
+class Principals(ViewProjection):
     name = "principals"
     topics = tuple(
         get_topic(cls)
@@ -288,6 +297,3 @@ class Principals(Projection[PrincipalsView]):
             Team.Removed,
         )
     )
-
-    def process_event(self, domain_event: Any, tracking: Any) -> None:
-        self.view.apply(domain_event, tracking)

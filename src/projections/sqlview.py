@@ -28,6 +28,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import Tracking, TrackingRecorder
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
+from eventsourcing.projection import Projection
 from eventsourcing.sqlite import SQLiteDatastore, SQLiteTrackingRecorder
 from psycopg.sql import SQL
 
@@ -53,6 +54,13 @@ def upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
         f"INSERT INTO {{{table}}} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
         f"ON CONFLICT ({', '.join(key)}) {action}"
     )
+
+
+class ViewProjection(Projection["ReadModelView"]):
+    """A projection whose view applies each event itself (with its tracking, exactly once)."""
+
+    def process_event(self, domain_event: Any, tracking: Any) -> None:
+        self.view.apply(domain_event, tracking)
 
 
 class ReadModelView(TrackingRecorder, ABC):
