@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from api.auth import PUBLIC_PATHS, TokenAuthentication
 from api.controllers.common import provide_actor, provide_services
+from api.controllers.connections import ConnectionController, OAuthCallbackController
 from api.controllers.health import HealthController
 from api.controllers.identity import AuthController, TeamController, UserController
 from api.controllers.integrations import IntegrationController
@@ -32,9 +34,15 @@ def create_app(services: Services) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(services.on_start)
+        tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "background")) for job in services.background]
         try:
             yield
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if services.connections is not None:
+                await services.connections.aclose()
             await anyio.to_thread.run_sync(services.on_stop)
 
     openapi = OpenAPIConfig(
@@ -58,6 +66,8 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[
             IntegrationController,
             SharingController,
+            ConnectionController,
+            OAuthCallbackController,
             UserController,
             TeamController,
             AuthController,

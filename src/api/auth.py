@@ -20,7 +20,7 @@ from commands.service import token_hash
 from domain.access import Actor
 
 SESSION_COOKIE = "integrations_session"
-PUBLIC_PATHS = ("/health", "/ready", "/schema", "/api/auth/login", "/oauth2/callback")
+PUBLIC_PATHS = ("/health", "/ready", "/schema", "/api/auth/login", "/oauth2/callback", "/oauth2/result")
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 

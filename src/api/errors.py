@@ -7,6 +7,7 @@ its type and a request id and answered with a generic 500 that names the same id
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from commands.connections import ProviderRejected, ProviderUnavailable
 from domain.errors import Conflict, DomainError, Forbidden, NotFound, PreconditionFailed, ValidationFailed
 
 log = logging.getLogger("integrations.api")
@@ -24,6 +26,8 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     NotFound: 404,
     Conflict: 409,
     PreconditionFailed: 412,
+    ProviderRejected: 502,
+    ProviderUnavailable: 503,
 }
 
 
@@ -34,16 +38,20 @@ class ApiError(HTTPException):
         super().__init__(detail=message, status_code=status_code, extra=details, headers=headers)
 
 
-def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]:
+def error_body(status: int, message: str, details: Any = None, code: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
+    if code is not None:
+        body["code"] = code  # machine-readable, e.g. integration_not_connected
     if details is not None:
         body["details"] = details
     return body
 
 
-def _respond(status: int, message: str, details: Any = None, headers: dict[str, str] | None = None) -> Response:
+def _respond(
+    status: int, message: str, details: Any = None, headers: dict[str, str] | None = None, code: str | None = None
+) -> Response:
     return Response(
-        content=error_body(status, message, details),
+        content=error_body(status, message, details, code),
         status_code=status,
         media_type=MediaType.JSON,
         headers={"Cache-Control": "no-store", **(headers or {})},
@@ -52,7 +60,10 @@ def _respond(status: int, message: str, details: Any = None, headers: dict[str, 
 
 def domain_error_handler(_: Request, exc: DomainError) -> Response:
     status = next((s for cls, s in _DOMAIN_STATUS.items() if isinstance(exc, cls)), 400)
-    return _respond(status, exc.message, exc.details)
+    headers = None
+    if isinstance(exc, ProviderUnavailable):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}
+    return _respond(status, exc.message, exc.details, headers, getattr(exc, "code", None))
 
 
 def _validation_details(exc: ValidationException) -> list[dict[str, str]]:

@@ -26,6 +26,7 @@ _PUBLIC_SETTINGS = (
     "token_uri",
     "api_base_uri",
     "revocation_uri",
+    "issuer",
     "client_id",
     "token_auth_method",
     "api_key_name",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,9 @@ class Services:
     ready_check: Callable[[], dict[str, Any]] = lambda: {"store": "ok"}
     writes: ReadYourWrites = field(default_factory=lambda: ReadYourWrites())
     auth_cache: AuthCache = field(default_factory=lambda: AuthCache())
+    connections: Any = None  # commands.connections.Connections (None: connections not wired)
+    connections_view: Any = None  # projections.connections.ConnectionsView
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run while serving
 
 
 class ReadYourWrites:

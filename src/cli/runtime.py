@@ -16,13 +16,18 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+from api.background import run_refresher
 from api.services import ApiConfig, Services
+from commands.connections import ConnectionPolicy, Connections
 from commands.service import IntegrationsApp
 from domain.access import Actor, is_team, team_id_of
 from domain.audit import SYSTEM_ACTOR
 from domain.principals import team_aggregate_id, user_aggregate_id
 from domain.urls import UrlPolicy
+from infrastructure.egress import EgressPolicy
 from infrastructure.keyring import load_keyring
+from infrastructure.locks import FileRefreshLocks, PostgresRefreshLocks
+from infrastructure.oauth_provider import HttpOAuthProvider
 from infrastructure.passwords import ScryptHasher
 from infrastructure.persistence import APP_NAME, application_env, projection_env
 from infrastructure.settings import Settings, SettingsError
@@ -219,7 +224,35 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
         ready_check=runtime.ready_check,
     )
     runtime.services.auth_cache.ttl = settings.auth_cache_seconds
+    _wire_connections(settings, runtime)
     return runtime
+
+
+def _wire_connections(settings: Settings, runtime: Runtime) -> None:
+    """The connection service: the OAuth client behind the egress guard and the refresh locks."""
+    locks: Any = (
+        PostgresRefreshLocks(settings.postgres.conninfo())
+        if settings.postgres is not None
+        else FileRefreshLocks(settings.data_dir / "locks")
+    )
+    policy = ConnectionPolicy(
+        redirect_uri=f"{settings.public_url}/oauth2/callback",
+        return_origins=settings.return_origins,
+        refresh_margin=timedelta(seconds=settings.refresh_margin_seconds),
+    )
+    oauth = HttpOAuthProvider(EgressPolicy.parse(settings.egress_allow))
+    services = runtime.services
+    services.connections = Connections(runtime.app, oauth, locks, policy)
+    services.connections_view = _Current(runtime.views["connections"]) if "connections" in runtime.views else None
+    if settings.refresher_interval_seconds > 0 and services.connections_view is not None:
+        services.background.append(
+            partial(
+                run_refresher,
+                services,
+                interval=settings.refresher_interval_seconds,
+                margin=timedelta(seconds=settings.refresher_margin_seconds),
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------- operator commands

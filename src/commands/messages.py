@@ -44,6 +44,9 @@ class IntegrationBody(msgspec.Struct, **_STRUCT):
     token_uri: Url | UnsetType | None = UNSET
     api_base_uri: Url | UnsetType | None = UNSET
     revocation_uri: Url | UnsetType | None = UNSET
+    # The authorization server's issuer identifier (RFC 8414/9207): when set, the callback's
+    # ``iss`` must equal it exactly (mix-up defence, OA-7).
+    issuer: Url | UnsetType | None = UNSET
     client_id: Annotated[str, Meta(max_length=512)] | UnsetType | None = UNSET
     client_secret: Secret | UnsetType | None = UNSET
     basic_token_auth: bool | UnsetType | None = UNSET
@@ -74,6 +77,21 @@ def split_integration_body(body: IntegrationBody) -> tuple[dict[str, Any], dict[
     settings = {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
     secrets = {k: v for k, v in fields.items() if k in SECRET_ATTRS}
     return settings, secrets
+
+
+class ConnectBody(msgspec.Struct, **_STRUCT):
+    """``POST /connect``: oauth2 from ``code`` (+ ``redirectUri``, ``codeVerifier`` when PKCE was
+    used) or a ``refreshToken``; apikey from ``apiKey``; basic from ``username`` + ``password``;
+    bearer from ``bearerToken``."""
+
+    code: Annotated[str, Meta(min_length=1, max_length=4096)] | UnsetType = UNSET
+    redirect_uri: Url | UnsetType = UNSET
+    code_verifier: Annotated[str, Meta(min_length=43, max_length=128)] | UnsetType = UNSET
+    refresh_token: Secret | UnsetType = UNSET
+    api_key: Secret | UnsetType = UNSET
+    username: Short | UnsetType = UNSET
+    password: Secret | UnsetType = UNSET
+    bearer_token: Secret | UnsetType = UNSET
 
 
 class ShareBody(msgspec.Struct, **_STRUCT):

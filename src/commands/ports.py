@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 from uuid import UUID
+
+from domain.oauth import TokenSet
 
 
 class SecretRef(dict):
@@ -42,3 +46,42 @@ class PasswordHasher(Protocol):
     def hash(self, password: str) -> str: ...
 
     def verify(self, password: str, encoded: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AuthorizationRequest:
+    """What ``/connect`` needs to redirect: the provider URL and the secrets it embeds."""
+
+    url: str
+    state: str = field(repr=False)
+    verifier: str = field(repr=False)
+    scope: str
+
+
+class OAuthProvider(Protocol):
+    """The OAuth 2.0 client side of an integration's authorization server.
+
+    ``settings`` are the integration's settings (snake_case); ``client_secret`` its opened secret.
+    Failures raise the :mod:`domain.oauth` errors (``InvalidGrant``, ``ClientConfigError``,
+    ``TransientError``, ``ProtocolError``); none of them carries a secret.
+    """
+
+    def authorization_request(self, settings: Mapping[str, Any], redirect_uri: str) -> AuthorizationRequest: ...
+
+    async def exchange_code(
+        self, settings: Mapping[str, Any], client_secret: str, code: str, verifier: str | None, redirect_uri: str
+    ) -> TokenSet: ...
+
+    async def refresh(self, settings: Mapping[str, Any], client_secret: str, refresh_token: str) -> TokenSet: ...
+
+    async def revoke(self, settings: Mapping[str, Any], client_secret: str, token: str, hint: str) -> None: ...
+
+    async def identity(self, settings: Mapping[str, Any], tokens: TokenSet) -> dict[str, str | None] | None: ...
+
+
+class RefreshLocks(Protocol):
+    """Mutual exclusion per connection across every process sharing the store (DESIGN 6)."""
+
+    def hold(self, key: UUID, timeout: float) -> AbstractAsyncContextManager[bool]:
+        """Hold the lock for ``key`` while the block runs; yields False when ``timeout`` ran out."""
+        ...

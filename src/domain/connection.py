@@ -46,9 +46,11 @@ class Connection(AuditedAggregate):
         token_expires_at: str | None
         refresh_token_expires_at: str | None
         account: dict[str, str] | None  # {"name", "email", "sub"} when the provider tells
+        epoch: int  # the integration's connection epoch it was made under
 
         def apply(self, aggregate: Connection) -> None:
             aggregate.status = CONNECTED
+            aggregate.epoch = self.epoch
             aggregate.auth_type = self.auth_type
             aggregate.credentials = dict(self.credentials)
             aggregate.scopes = list(self.scopes)
@@ -89,7 +91,12 @@ class Connection(AuditedAggregate):
         retry_after: float | None
 
         def apply(self, aggregate: Connection) -> None:
-            aggregate.last_error = {"error": self.error, "kind": self.kind, "at": self.timestamp.isoformat()}
+            aggregate.last_error = {
+                "error": self.error,
+                "kind": self.kind,
+                "at": self.timestamp.isoformat(),
+                "retry_after": self.retry_after,
+            }
             aggregate.failures += 1
 
     class ReauthorizationRequired(AuditedAggregate.Event):
@@ -105,12 +112,26 @@ class Connection(AuditedAggregate):
     class Revoked(AuditedAggregate.Event):
         TOPIC = "integrations/Connection.Revoked.v1"
         reason: str  # "disconnected", "integration_deleted", "user_removed"
-        provider_revocation: str  # "done", "pending" (retried later), "not_supported"
+        provider_revocation: str  # "done", "pending" (retried later), "not_supported", "failed"
+        # While the provider still has to be told (503 on revocation), the token to revoke stays
+        # in the vault under this reference, and nowhere usable; see ``RevocationSettled``.
+        pending: Ref | None
 
         def apply(self, aggregate: Connection) -> None:
             aggregate.status = REVOKED
             aggregate.credentials = {}
+            aggregate.pending_revocation = self.pending
             aggregate.generation += 1
+
+    class RevocationSettled(AuditedAggregate.Event):
+        """A pending provider revocation ended: ``done``, or ``abandoned`` after its deadline."""
+
+        TOPIC = "integrations/Connection.RevocationSettled.v1"
+        outcome: str
+        attempts: int
+
+        def apply(self, aggregate: Connection) -> None:
+            aggregate.pending_revocation = None
 
     @staticmethod
     def create_id(integration_id: UUID, owner_id: str, shared: bool) -> UUID:
@@ -132,6 +153,8 @@ class Connection(AuditedAggregate):
         self.last_error: dict[str, Any] | None = None
         self.failures = 0
         self.generation = 0
+        self.epoch = 0
+        self.pending_revocation: Ref | None = None
 
     @property
     def usable(self) -> bool:
@@ -146,6 +169,7 @@ class Connection(AuditedAggregate):
         token_expires_at: str | None,
         refresh_token_expires_at: str | None,
         account: dict[str, str] | None,
+        epoch: int = 0,
     ) -> None:
         """A new authorization (connect or re-connect) replaces whatever was there."""
         self.trigger_event(
@@ -156,6 +180,7 @@ class Connection(AuditedAggregate):
             token_expires_at=token_expires_at,
             refresh_token_expires_at=refresh_token_expires_at,
             account=account,
+            epoch=epoch,
         )
 
     def refreshed(
@@ -187,9 +212,13 @@ class Connection(AuditedAggregate):
         if self.status == CONNECTED:
             self.trigger_event(self.ReauthorizationRequired, reason=reason)
 
-    def revoke(self, *, reason: str, provider_revocation: str) -> None:
+    def revoke(self, *, reason: str, provider_revocation: str, pending: Ref | None = None) -> None:
         if self.status != REVOKED:
-            self.trigger_event(self.Revoked, reason=reason, provider_revocation=provider_revocation)
+            self.trigger_event(self.Revoked, reason=reason, provider_revocation=provider_revocation, pending=pending)
+
+    def settle_revocation(self, outcome: str, attempts: int) -> None:
+        if self.pending_revocation is not None:
+            self.trigger_event(self.RevocationSettled, outcome=outcome, attempts=attempts)
 
     def _expect(self, generation: int) -> None:
         if not self.usable:

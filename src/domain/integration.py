@@ -44,6 +44,22 @@ class Integration(AuditedAggregate):
             aggregate.secrets.update(self.secrets_set)
             for key in self.secrets_cleared:
                 aggregate.secrets.pop(key, None)
+            if self.repointed:
+                aggregate.connection_epoch += 1
+
+    class ModeChanged(AuditedAggregate.Event):
+        """Per-user <-> shared: the connections made under the old mode stop being used.
+
+        Emitted beside the ``Updated`` that carries the new ``mode`` setting, so the switch is an
+        explicit line in the audit trail and moves the connection epoch.
+        """
+
+        TOPIC = "integrations/Integration.ModeChanged.v1"
+        previous_mode: str
+        mode: str
+
+        def apply(self, aggregate: Integration) -> None:
+            aggregate.connection_epoch += 1
 
     class Shared(AuditedAggregate.Event):
         TOPIC = "integrations/Integration.Shared.v1"
@@ -99,6 +115,9 @@ class Integration(AuditedAggregate):
         self.secrets = dict(secrets)
         self.shares: dict[str, dict[str, Any]] = {}
         self.deleted = False
+        # Moves when tokens must not be used any more: re-pointing (OA-18) or a mode switch.
+        # A connection established under an older epoch needs reauthorization.
+        self.connection_epoch = 0
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -136,6 +155,7 @@ class Integration(AuditedAggregate):
         new_slug = slug if slug != self.slug else None
         if not (changes or secrets_set or cleared or new_slug):
             return False
+        previous_mode = self.settings.get("mode", "per-user")
         self.trigger_event(
             self.Updated,
             slug=new_slug,
@@ -144,7 +164,14 @@ class Integration(AuditedAggregate):
             secrets_cleared=cleared,
             repointed=[k for k in REPOINTING_FIELDS if k in changes],
         )
+        mode = self.settings.get("mode", "per-user")
+        if mode != previous_mode:
+            self.trigger_event(self.ModeChanged, previous_mode=previous_mode, mode=mode)
         return True
+
+    @property
+    def shared_mode(self) -> bool:
+        return self.settings.get("mode") == "shared"
 
     def share(self, principal_id: str, access_level: int) -> bool:
         if access_level < AccessLevel.USE:

@@ -20,9 +20,9 @@ MODES = ("per-user", "shared")
 TOKEN_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 API_KEY_LOCATIONS = ("header", "query")
 SECRET_FIELDS = ("client_secret", "api_key", "password", "bearer_token")
-URL_FIELDS = ("auth_uri", "token_uri", "api_base_uri", "revocation_uri")
+URL_FIELDS = ("auth_uri", "token_uri", "api_base_uri", "revocation_uri", "issuer")
 # Changing where tokens come from or go to re-points live credentials (security note OA-18).
-REPOINTING_FIELDS = ("auth_uri", "token_uri", "client_id", "api_base_uri")
+REPOINTING_FIELDS = ("auth_uri", "token_uri", "client_id", "api_base_uri", "issuer")
 UPLOAD_TYPES = frozenset({"google-drive", "googledrive", "onedrive", "sharepoint", "dropbox"})
 
 REQUIRED: Mapping[str, tuple[str, ...]] = {

@@ -30,12 +30,24 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from domain.oauth import (  # re-exported: callers and tests import them from here
+    REAUTH_CODES,
+    TRANSIENT_CODES,
+    ClientConfigError,
+    InvalidGrant,
+    OAuthError,
+    Phase,
+    ProtocolError,
+    TokenSet,
+    TransientError,
+)
+from domain.oauth import (
+    may_retry as may_retry,
+)
 from infrastructure.egress import EgressDenied
 from infrastructure.providers import IdentitySpec, ProviderPreset
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post"]
-Phase = Literal["connect", "read"]
-Grant = Literal["authorization_code", "refresh_token", "revocation"]
 Clock = Callable[[], datetime]
 
 DEFAULT_DEADLINE = 10.0
@@ -124,7 +136,7 @@ def authorization_url(
 
 
 # ------------------------------------------------------------------------------------------------
-# Values
+# Client authentication
 # ------------------------------------------------------------------------------------------------
 
 
@@ -150,121 +162,6 @@ class ClientCredentials:
         form["client_id"] = self.client_id
         form["client_secret"] = self.client_secret
         return {}
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """A validated token response (OA-11). Tokens are left out of ``repr``.
-
-    ``refresh_token`` is ``None`` when the response carried none: the caller keeps the one it has
-    (OA-13). ``scope`` is ``None`` when the provider did not say (= as requested). ``expires_at`` is
-    counted from when the request was sent, so it errs early. ``raw_extra`` keeps other scalar,
-    non-secret fields (``instance_url``, ``id``, ``account_id`` …).
-    """
-
-    access_token: str = field(repr=False)
-    token_type: str
-    expires_at: datetime
-    refresh_token: str | None = field(default=None, repr=False)
-    scope: str | None = None
-    id_token: str | None = field(default=None, repr=False)
-    raw_extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------
-# Errors
-# ------------------------------------------------------------------------------------------------
-
-
-class OAuthError(Exception):
-    """A token, revocation or identity call failed. ``error`` is an OAuth error code (RFC 6749 §5.2)
-    or one of ours; ``description`` is the provider's text, sanitised (never ours, never a secret)."""
-
-    def __init__(self, error: str, *, status: int | None = None, description: str | None = None) -> None:
-        self.error = error
-        self.status = status
-        self.description = description
-        where = f" (HTTP {status})" if status is not None else ""
-        super().__init__(f"{error}{where}")
-
-
-class InvalidGrant(OAuthError):
-    """The code or refresh token is dead (expired, revoked, reused): reauthorization required."""
-
-
-class ClientConfigError(OAuthError):
-    """The integration is misconfigured: client id/secret/method, scope, endpoint, egress policy."""
-
-
-class ProtocolError(OAuthError):
-    """The provider answered something that is not a valid OAuth response."""
-
-
-class TransientError(OAuthError):
-    """Try again later. ``phase``:
-
-    - ``"connect"``: the provider did not process the request (not sent, or an explicit 429/503
-      refusal) — repeating it is safe;
-    - ``"read"``: it was sent and may have been processed (read timeout, connection lost, 5xx,
-      deadline after sending) — a rotated refresh token may be lost; see :func:`may_retry`.
-
-    ``retry_after`` (seconds, capped) comes from a ``Retry-After`` header. ``cause``: ``deadline``,
-    ``timeout``, ``network`` or ``status``.
-    """
-
-    def __init__(
-        self,
-        error: str,
-        *,
-        phase: Phase,
-        retry_after: float | None = None,
-        cause: str = "network",
-        status: int | None = None,
-        description: str | None = None,
-    ) -> None:
-        super().__init__(error, status=status, description=description)
-        self.phase = phase
-        self.retry_after = retry_after
-        self.cause = cause
-
-    @property
-    def maybe_processed(self) -> bool:
-        return self.phase == "read"
-
-
-_REAUTH_CODES = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
-_CONFIG_CODES = frozenset(
-    {
-        "invalid_client",
-        "unauthorized_client",
-        "invalid_request",
-        "unsupported_grant_type",
-        "invalid_scope",
-        "unsupported_token_type",
-        "invalid_target",
-        "access_denied",
-    }
-)
-_TRANSIENT_CODES = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
-
-
-def may_retry(error: OAuthError, *, grant: Grant, read_retries_done: int = 0) -> bool:
-    """Whether repeating the same request is sound (RL-5, §4.1). Backoff and attempt caps are the caller's.
-
-    Not-processed failures may always be repeated. A maybe-processed one: never for a code
-    exchange (a replayed code revokes what it issued, OA-9), at most once for a refresh (with a
-    rotating provider the retry either succeeds or gets ``invalid_grant``; more is pointless),
-    freely for revocation (idempotent).
-    """
-    if not isinstance(error, TransientError):
-        return False
-    if error.phase == "connect":
-        return True
-    if grant == "authorization_code":
-        return False
-    if grant == "refresh_token":
-        return read_retries_done < 1
-    return True
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None, cap: float = MAX_RETRY_AFTER) -> float | None:
@@ -420,7 +317,7 @@ def _error_for(reply: _Reply, obj: dict[str, Any] | None, retry_cap: float) -> O
     code = _clean(obj.get("error"), 64) if obj else None
     description = _clean(obj.get("error_description"), 200) if obj else None
     retry_after = parse_retry_after(reply.headers.get("retry-after"), cap=retry_cap)
-    if status == 429 or status >= 500 or code in _TRANSIENT_CODES:
+    if status == 429 or status >= 500 or code in TRANSIENT_CODES:
         # 429, 503 and temporarily_unavailable are explicit "not now" answers: nothing was processed.
         not_processed = status in (429, 503) or code in ("temporarily_unavailable", "slow_down")
         phase: Phase = "connect" if not_processed else "read"
@@ -434,7 +331,7 @@ def _error_for(reply: _Reply, obj: dict[str, Any] | None, retry_cap: float) -> O
         )
     if 300 <= status < 400:
         return ClientConfigError("unexpected_redirect", status=status)
-    if code in _REAUTH_CODES:
+    if code in REAUTH_CODES:
         return InvalidGrant(code, status=status, description=description)
     if code is not None:
         # Registered configuration codes and anything unknown: a human has to look.
@@ -575,16 +472,14 @@ class TokenClient:
         raise _error_for(reply, obj, self._max_retry_after)
 
     async def exchange_code(
-        self, token_uri: str, client: ClientCredentials, code: str, verifier: str, redirect_uri: str
+        self, token_uri: str, client: ClientCredentials, code: str, verifier: str | None, redirect_uri: str
     ) -> TokenSet:
         """Redeem an authorization code (RFC 6749 §4.1.3 + RFC 7636 §4.5). Never repeat it after a
-        maybe-processed failure (OA-9)."""
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": verifier,
-        }
+        maybe-processed failure (OA-9). ``verifier`` is None only for a code obtained elsewhere
+        without PKCE (``POST /connect``); our own flow always has one."""
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+        if verifier is not None:
+            form["code_verifier"] = verifier
         return await self._token(token_uri, client, form)
 
     async def refresh(

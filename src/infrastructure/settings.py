@@ -64,6 +64,11 @@ class Settings:
     session_ttl_seconds: int = 8 * 3600
     max_body_bytes: int = 1_000_000
     auth_cache_seconds: float = 2.0
+    egress_allow: str = ""  # INTEGRATIONS_EGRESS_ALLOW: addresses, networks, host names allowed beyond the internet
+    return_origins: tuple[str, ...] = ()  # INTEGRATIONS_RETURN_ORIGINS: where ?redirect= may send the browser
+    refresh_margin_seconds: float = 60.0  # refresh on use when the token expires within it
+    refresher_interval_seconds: float = 30.0  # background refresher period (0: off)
+    refresher_margin_seconds: float = 300.0  # the background refresher renews tokens expiring within it
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -117,5 +122,14 @@ class Settings:
             session_ttl_seconds=number("SESSION_TTL_SECONDS", cls.session_ttl_seconds),
             max_body_bytes=number("MAX_BODY_BYTES", cls.max_body_bytes),
             auth_cache_seconds=number("AUTH_CACHE_SECONDS", cls.auth_cache_seconds, float, allow_zero=True),
+            egress_allow=get("EGRESS_ALLOW", "") or "",
+            return_origins=tuple(
+                o.strip().rstrip("/") for o in (get("RETURN_ORIGINS", "") or "").split(",") if o.strip()
+            ),
+            refresh_margin_seconds=number("REFRESH_MARGIN_SECONDS", cls.refresh_margin_seconds, float, allow_zero=True),
+            refresher_interval_seconds=number(
+                "REFRESHER_INTERVAL_SECONDS", cls.refresher_interval_seconds, float, allow_zero=True
+            ),
+            refresher_margin_seconds=number("REFRESHER_MARGIN_SECONDS", cls.refresher_margin_seconds, float),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
