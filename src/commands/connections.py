@@ -46,6 +46,7 @@ from domain.connection import CONNECTED, REAUTHORIZATION_REQUIRED, SHARED_OWNER,
 from domain.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed, field_error
 from domain.integration import Integration
 from domain.oauth import ClientConfigError, InvalidGrant, OAuthError, ProtocolError, TokenSet, TransientError
+from domain.settings import camel
 
 log = logging.getLogger("integrations.connections")
 
@@ -457,8 +458,8 @@ class Connections:
         missing = [k for k in wanted if k not in values]
         if missing:
             raise ValidationFailed(
-                f"An {auth_type} connection needs {', '.join(_camel(k) for k in wanted)}.",
-                [field_error(_camel(k), "is required") for k in missing],
+                f"An {auth_type} connection needs {', '.join(camel(k) for k in wanted)}.",
+                [field_error(camel(k), "is required") for k in missing],
             )
         cid = connection_id(integration.id, None if owner == SHARED_OWNER else owner)
 
@@ -834,11 +835,6 @@ class Connections:
 def _field(cid: UUID, name: str) -> str:
     """The vault field of a connection credential (bound into the ciphertext's associated data)."""
     return f"connection:{cid}:{name}"
-
-
-def _camel(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join(p.title() for p in rest)
 
 
 _ERROR_CODE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")

@@ -233,6 +233,7 @@ class IntegrationsApp(Application[UUID]):
             _check_slug(slug)
             present = (set(integration.secrets) - set(cleared)) | set(sealed)
             rules.check(settings, present, self.url_policy)
+            _check_repointing(actor, integration, settings)
             touched: list[Aggregate] = [integration]
             if slug != integration.slug:
                 touched.append(self._claim(SLUG, f"{integration.owner_id}:{slug}", integration.id))
@@ -590,6 +591,15 @@ class IntegrationsApp(Application[UUID]):
 def _require_superuser(actor: Actor) -> None:
     if not actor.superuser:
         raise Forbidden("This needs a superuser.")
+
+
+def _check_repointing(actor: Actor, integration: Integration, settings: dict[str, Any]) -> None:
+    """Where tokens come from or go to is the managers' call (OA-18): an editor could otherwise
+    re-point other users' live credentials at a server they control."""
+    moved = [k for k in rules.REPOINTING_FIELDS if integration.settings.get(k) != settings.get(k)]
+    if moved and integration.level_for(actor) < AccessLevel.MANAGE:
+        names = ", ".join(rules.camel(k) for k in moved)
+        raise Forbidden(f"Changing {names} needs access level 3 (manage) on the integration.")
 
 
 def _check_slug(slug: str) -> None:

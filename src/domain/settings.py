@@ -99,15 +99,15 @@ def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: U
     for key in REQUIRED.get(str(auth), ()):
         if key in SECRET_FIELDS:
             if key not in present:
-                errors.append(field_error(_camel(key), f"is required for authType {auth}"))
+                errors.append(field_error(camel(key), f"is required for authType {auth}"))
         elif settings.get(key) is None or (key != "scope" and settings.get(key) == ""):
-            errors.append(field_error(_camel(key), f"is required for authType {auth}"))
+            errors.append(field_error(camel(key), f"is required for authType {auth}"))
     for key in URL_FIELDS:
         value = settings.get(key)
         if value:
             problem = policy.problem(value)
             if problem:
-                errors.append(field_error(_camel(key), problem))
+                errors.append(field_error(camel(key), problem))
     if settings.get("api_key_location", "header") not in API_KEY_LOCATIONS:
         errors.append(field_error("apiKeyLocation", "must be header or query"))
     if settings.get("token_auth_method", "client_secret_basic") not in TOKEN_AUTH_METHODS:
@@ -151,6 +151,6 @@ def _check_headers(headers: Mapping[str, str], reserved: frozenset[str] = RESERV
     return errors
 
 
-def _camel(key: str) -> str:
+def camel(key: str) -> str:
     head, *rest = key.split("_")
     return head + "".join(p.title() for p in rest)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
+import anyio.from_thread
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -45,8 +47,25 @@ def _update(
 ) -> Response[Any]:
     iid = resolve_integration(services, actor, ident)
     expected = parse_if_match(if_match)
+    epoch = services.app.integration_for(actor, iid).connection_epoch
     written = services.app.update_integration(actor, iid, data, partial=partial, expected_version=expected)
+    if written.value.connection_epoch != epoch:
+        _invalidate_connections(services, actor, iid)
     return _integration_response(services, actor, written)
+
+
+def _invalidate_connections(services: Services, actor: Actor, iid: UUID) -> None:
+    """Re-pointed or mode switched: revoke and discard the old connections' tokens (OA-18).
+
+    They are unusable already (their epoch is old); this tells the provider and empties the vault.
+    """
+    if services.connections is None or services.connections_view is None:
+        return
+    rows = services.connections_view.for_integration(str(iid))
+    ids = [UUID(str(r["connection_id"])) for r in rows if r.get("status") != "revoked"]
+    if ids:
+        reason = "integration_changed"
+        anyio.from_thread.run(services.connections.invalidate, actor.id, iid, ids, reason)
 
 
 class IntegrationController(Controller):
