@@ -208,22 +208,22 @@ def test_blue_green_rebuild_while_writes_continue_ends_equal_to_the_live_model(
 def test_supervisor_wait_and_positions(store: Store) -> None:
     with ProjectionSupervisor(TestApp, store.env_for, poll_interval=0.05) as supervisor:
         assert supervisor.wait(None, 0)
-        assert supervisor.positions() == {"listing": None, "principals": None}
+        assert supervisor.positions() == {"listing": None, "principals": None, "connections": None}
         listed = store.save(Integration(owner_id="alice", slug="a", settings={"name": "A"}, secrets={}))
         assert supervisor.wait(listed, 10)
         assert supervisor.view("listing").page(["alice"])[1] == 1  # read your write
-        assert supervisor.positions() == {"listing": listed, "principals": None}
+        assert supervisor.positions() == {"listing": listed, "principals": None, "connections": None}
 
         # An event of one read model only: the other has passed it without processing anything.
         began = time.monotonic()
         user = store.save(User(user_id="bob", profile={"username": "bob"}))
         assert supervisor.wait(user, 10)
         assert time.monotonic() - began < 2
-        assert supervisor.positions() == {"listing": listed, "principals": user}
+        assert supervisor.positions() == {"listing": listed, "principals": user, "connections": None}
         assert supervisor.view("principals").user("bob")["username"] == "bob"
 
         assert supervisor.wait(user + 1000, 0.2) is False
-        assert supervisor.lag(store.app) == {"listing": 0, "principals": 0}
+        assert supervisor.lag(store.app) == {"listing": 0, "principals": 0, "connections": 0}
         status = supervisor.status()
         assert status["caught_up"] is True
         assert status["listing"] == {

@@ -77,6 +77,7 @@ def store_fixture(settings: Settings) -> Iterator[Store]:
 
 def workload(store: Store, rounds: int, tag: str = "w") -> int:
     """Save a mix of every projected event kind, ``rounds`` times; returns the last position."""
+    from domain.connection import Connection
     from domain.integration import Integration
     from domain.principals import Team, User
 
@@ -86,7 +87,13 @@ def workload(store: Store, rounds: int, tag: str = "w") -> int:
         owner, team = User(user_id=f"u-{key}", profile={"username": f"u-{key}"}), Team(team_id=f"t-{key}", name=key)
         item = Integration(owner_id=owner.user_id, slug=f"s-{key}", settings={"name": f"N {key}"}, secrets={})
         other = Integration(owner_id=f"team:t-{key}", slug=f"o-{key}", settings={"name": f"O {key}"}, secrets={})
-        store.save(owner, team, item, other)
+        link = Connection(integration_id=item.id, owner_id=owner.user_id, shared=False)
+        store.save(link, owner, team, item, other)  # link first: the last event stays the listing's
+        link.establish(
+            auth_type="oauth2", credentials={"access_token": {"ref": f"vault:{key}", "fingerprint": key}},
+            scopes=["read"], token_expires_at=f"2030-01-01T{i % 24:02}:00:00+00:00", refresh_token_expires_at=None,
+            account=None,
+        )  # fmt: skip
         owner.issue_token(f"tok-{key}", f"hash-{key}", "label")
         team.set_member(owner.user_id, "admin")
         item.share(f"team:t-{key}", 2)
@@ -94,12 +101,14 @@ def workload(store: Store, rounds: int, tag: str = "w") -> int:
             slug=f"s2-{key}", settings={"name": f"N2 {key}", "type": "dropbox"}, secrets_set={}, secrets_cleared=[]
         )
         other.transfer_to(owner.user_id)
-        store.save(owner, team, item, other)
+        link.refresh_failed(generation=1, error="temporarily_unavailable", kind="transient", retry_after=None)
+        store.save(link, owner, team, item, other)
         if i % 3 == 0:
             item.unshare(f"team:t-{key}")
             other.delete()
             owner.change_profile({"display_name": f"User {key}"})
             team.remove()
-            store.save(item, other, owner, team)
+            link.revoke(reason="disconnected", provider_revocation="done")
+            store.save(link, item, other, owner, team)
         position = store.head()
     return position

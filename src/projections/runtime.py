@@ -29,6 +29,7 @@ from eventsourcing.persistence import InfrastructureFactory, Tracking
 from eventsourcing.projection import BaseProjectionRunner, Projection, ProjectionRunner
 from eventsourcing.utils import Environment
 
+from projections.connections import Connections, PostgresConnectionsView, SQLiteConnectionsView
 from projections.listing import IntegrationListing, PostgresListingView, SQLiteListingView
 from projections.principals import PostgresPrincipalsView, Principals, SQLitePrincipalsView
 from projections.sqlview import PostgresView, SQLiteView, SQLView, iso
@@ -48,6 +49,7 @@ READ_MODELS: dict[str, ReadModel] = {
         IntegrationListing, {"sqlite": SQLiteListingView, "postgres": PostgresListingView}
     ),
     Principals.name: ReadModel(Principals, {"sqlite": SQLitePrincipalsView, "postgres": PostgresPrincipalsView}),
+    Connections.name: ReadModel(Connections, {"sqlite": SQLiteConnectionsView, "postgres": PostgresConnectionsView}),
 }
 
 _BACKENDS = {"eventsourcing.sqlite": "sqlite", "eventsourcing.postgres": "postgres"}
