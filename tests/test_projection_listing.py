@@ -182,3 +182,138 @@ def test_totals_follow_updates_and_deletes(store: Store, view: Any, given: dict[
     assert view.page(None, q="drive") == ([], 0)
     assert view.count() == 8
     assert view.page(["bob", "team:eng"])[1] == 2
+
+
+# --- a caller seen through several principals (issue 2: the per-principal merge, totals, q) -------
+
+CALLER = ["u1", "team:a", "team:b"]
+LONG = "x" * 250  # past the description prefix the access rows keep (DESCRIPTION_PREFIX)
+
+
+@pytest.fixture
+def crowd(store: Store) -> Any:
+    """Items the caller reaches once, twice or three times; ties on name; long descriptions."""
+    specs = [
+        ("u1", "Same", {}, ["team:a", "team:b"]),  # three rows for the caller
+        ("team:a", "Same", {}, ["team:b"]),  # the same name_key: the id breaks the tie
+        ("team:b", "same", {"type": "dropbox"}, ["u1"]),
+        ("u1", "Alpha", {"description": LONG + " needle"}, ["team:a"]),  # q matches past the prefix
+        ("team:a", "beta", {"description": "needle " + LONG}, []),  # q matches inside the prefix
+        ("team:b", "Gamma", {"type": "onedrive"}, ["team:a", "u1"]),
+        ("other", "Hidden", {}, ["team:z"]),  # not the caller's
+        ("other", "Shared to b", {"description": "a NEEDLE"}, ["team:b", "team:z"]),
+        ("u1", "Embedded", {"embedded": True}, ["team:a"]),  # never listed
+        ("team:a", "Zeta", {}, ["u1", "team:b"]),
+        ("other", "Delta", {}, ["u1"]),
+        ("team:b", "epsilon", {}, []),
+    ]
+    for n, (owner, name, settings, shares) in enumerate(specs):
+        agg = integration(owner, f"c{n}", name, **settings)
+        store.save(agg)
+        for principal in shares:
+            agg.share(principal, 1)
+        if shares:
+            store.save(agg)  # a later updated_at than its creation
+    view = store.view("listing")
+    store.feed(view, "listing")
+    return view
+
+
+def expected(view: Any, ids: list[str], **options: Any) -> list[dict[str, Any]]:
+    """The oracle: the superuser's page (items indexes) cut to what ``all_visible`` says ids see."""
+    visible = {d["id"] for d in view.all_visible(ids)}
+    every, _ = view.page(None, limit=1000, **options)
+    return [d for d in every if d["id"] in visible]
+
+
+@pytest.mark.parametrize("sort", ["name", "-name", "createdAt", "-createdAt", "updatedAt", "-updatedAt", "slug"])
+def test_pages_through_several_principals_list_each_item_once(crowd: Any, sort: str) -> None:
+    want = expected(crowd, CALLER, sort=sort)
+    assert len(want) == 10 and len({d["id"] for d in want}) == 10
+    for limit in (1, 2, 4):
+        for start in range(0, len(want) + 2):
+            assert crowd.page(CALLER, sort=sort, start=start, limit=limit) == (want[start : start + limit], 10)
+
+
+def test_totals_and_pages_with_q_and_supports_upload_through_several_principals(crowd: Any) -> None:
+    for options in (
+        {"q": "needle"},
+        {"q": "SAME"},
+        {"q": "e"},
+        {"supports_upload": True},
+        {"q": "a", "supports_upload": False},
+    ):
+        want = expected(crowd, CALLER, **options)
+        for start in range(0, len(want) + 1):
+            assert crowd.page(CALLER, start=start, limit=2, **options) == (want[start : start + 2], len(want)), options
+    assert names(crowd.page(CALLER, q="needle")[0]) == ["Alpha", "beta", "Shared to b"]  # past the prefix too
+    assert crowd.page(CALLER, q=LONG + "  needle") == ([], 0)
+    assert names(crowd.page(["team:a"], q="needle")[0]) == ["Alpha", "beta"]
+
+
+def test_principal_order_and_repeats_do_not_change_the_page(crowd: Any) -> None:
+    want = crowd.page(CALLER, start=1, limit=3)
+    assert crowd.page(["team:b", "u1", "team:a", "u1"], start=1, limit=3) == want
+    assert crowd.page(["team:b"], limit=100)[1] == len(expected(crowd, ["team:b"]))
+
+
+def test_a_caller_in_more_teams_than_the_merge_takes(crowd: Any) -> None:
+    from projections.listing import MAX_BRANCHES
+
+    many = [*CALLER, *(f"team:none{i}" for i in range(MAX_BRANCHES))]
+    want = expected(crowd, CALLER)
+    assert crowd.page(many, start=2, limit=3) == (want[2:5], 10)
+    assert crowd.page(many, q="needle") == crowd.page(CALLER, q="needle")
+
+
+def test_remembered_totals_follow_every_change_of_the_view(store: Store, crowd: Any) -> None:
+    assert crowd.page(CALLER)[1] == 10
+    assert crowd.page(CALLER, q="needle")[1] == 3
+    hidden = integration("other", "late", "Late needle")
+    store.save(hidden)
+    store.feed(crowd, "listing")
+    assert crowd.page(CALLER)[1] == 10  # a change the caller cannot see
+    hidden.share("team:a", 1)
+    store.save(hidden)
+    store.feed(crowd, "listing")
+    assert crowd.page(CALLER)[1] == 11
+    assert crowd.page(CALLER, q="needle")[1] == 4
+    assert crowd.page(["team:a", "u1", "team:b"], limit=1)[1] == 11
+    hidden.unshare("team:a")
+    store.save(hidden)
+    store.feed(crowd, "listing")
+    assert (crowd.page(CALLER)[1], crowd.page(CALLER, q="needle")[1]) == (10, 3)
+    assert crowd.page(None, q="needle")[1] == 4  # a superuser's q total is remembered the same way
+    crowd.reset(store.app.name)  # the position moves back
+    assert (crowd.page(CALLER), crowd.page(None, q="needle")) == (([], 0), ([], 0))
+    store.feed(crowd, "listing")
+    assert (crowd.page(CALLER)[1], crowd.page(CALLER, q="needle")[1], crowd.page(None, q="needle")[1]) == (10, 3, 4)
+
+
+def test_one_batch_leaves_the_rows_event_by_event_application_leaves(store: Store, crowd: Any) -> None:
+    from eventsourcing.persistence import Tracking
+
+    # Created alone, created and shared, updated, transferred and deleted, all in one transaction.
+    extra = integration("u1", "x1", "X one", description=LONG + "tail")
+    store.save(extra)
+    extra.share("team:a", 2)
+    extra.update(
+        slug="x1", settings={"name": "X renamed", "description": LONG + "tail"}, secrets_set={}, secrets_cleared=[]
+    )
+    extra.transfer_to("team:b")
+    lone, gone = integration("u1", "x2", "X two"), integration("u1", "x3", "X three")
+    store.save(extra, lone, gone)
+    gone.delete()
+    store.save(gone)
+    store.feed(crowd, "listing")
+    batched = store.view("listing", "listing_batched")
+    notifications = store.notifications("listing")
+    assert batched.apply_batch(
+        [(store.app.mapper.to_domain_event(n), Tracking(store.app.name, n.id)) for n in notifications]
+    )
+    assert batched.rows() == crowd.rows()
+    access = [r for r in batched.rows()["access"] if r["integration_id"] == str(extra.id)]
+    assert [(r["principal_id"], r["description_key"]) for r in access] == [
+        ("team:a", LONG[:200]),
+        ("team:b", LONG[:200]),
+    ]
