@@ -361,3 +361,19 @@ def test_fingerprints_are_stable_per_owner_and_differ_across_owners(make_vault: 
     assert vault.seal(alice, "api_key", "other plaintext")["fingerprint"] != fa1
     assert vault.seal(alice, "client_secret", "same plaintext")["fingerprint"] != fa1  # field counts
     assert make_vault().seal(alice, "api_key", "same plaintext")["fingerprint"] == fa1  # across instances
+
+
+def test_seal_many_for_a_new_then_a_known_owner(vault: EnvelopeVault, raw: Raw) -> None:
+    """A new owner's data key and secrets are written together (one statement on PostgreSQL); a
+    known owner's secrets are sealed under the key it has."""
+    owner = uuid.uuid4()
+    first = vault.seal_many(owner, {"client_secret": "s1", "api_key": "k1"})
+    assert (raw.count("keys", owner), raw.count("secrets", owner)) == (1, 2)
+    again = vault.seal_many(owner, {"client_secret": "s2", "refresh_token": "r2"})
+    assert (raw.count("keys", owner), raw.count("secrets", owner)) == (1, 4)
+    opened = {f: vault.open(owner, f, r["ref"]) for f, r in first.items()}
+    opened |= {f + "'": vault.open(owner, f, r["ref"]) for f, r in again.items()}
+    assert opened == {"client_secret": "s1", "api_key": "k1", "client_secret'": "s2", "refresh_token'": "r2"}
+    # one data key: the fingerprint of equal plaintexts in one field is equal across the two seals
+    assert vault.seal(owner, "api_key", "k1")["fingerprint"] == first["api_key"]["fingerprint"]
+    assert vault.seal_many(uuid.uuid4(), {}) == {}

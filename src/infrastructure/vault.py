@@ -72,6 +72,27 @@ _INSERT_SEALED = "INSERT INTO {secrets} (ref, owner_id, field, ciphertext) VALUE
 _SELECT_SEALED = "SELECT ciphertext FROM {secrets} WHERE ref = %s AND owner_id = %s"
 _DELETE_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s"
 _DISCARD_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s AND ref = %s"
+# PostgreSQL: seal for an owner in one statement. A new owner's data key and its secrets go in
+# together; for an owner that already has a key nothing is written and its wrapped key comes back
+# (the outer SELECT reads the snapshot from before the statement), to seal under it instead.
+# Each is one statement, so one autocommit transaction; ``set_config(..., true)`` makes that
+# transaction's commit asynchronous (see PostgresVault._seal and ADR 0011 for why that is safe).
+_PG_SEAL_NEW_OWNER = """WITH new_key AS (
+        INSERT INTO {keys} (owner_id, kid, wrapped_dek) VALUES (%s, %s, %s)
+        ON CONFLICT (owner_id) DO NOTHING RETURNING owner_id
+    ), sealed AS (
+        INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
+        SELECT s.ref, k.owner_id, s.field, s.ciphertext
+        FROM new_key k, unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM sealed) AS sealed,
+        (SELECT wrapped_dek FROM {keys} WHERE owner_id = %s) AS existing,
+        set_config('synchronous_commit', 'off', true) AS async_commit"""
+_PG_SEAL_EXISTING_OWNER = """INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
+    SELECT s.ref, %s, s.field, s.ciphertext
+    FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext),
+        (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"""
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,27 @@ def _valid_ref(ref: object) -> bool:
     return isinstance(ref, str) and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
 
 
+def _columns(rows: list[tuple[str, str, bytes]]) -> list[list[Any]]:
+    """Rows (ref, field, blob) as three arrays, for ``unnest``."""
+    return [[r[i] for r in rows] for i in range(3)]
+
+
+def _encrypt(
+    dek: bytes, owner: str, plaintexts: Mapping[str, str]
+) -> tuple[dict[str, SecretRef], list[tuple[str, str, bytes]]]:
+    """Each field's reference, and its row (ref, field, stored blob) for the secrets table."""
+    aead = AESGCM(dek)
+    refs: dict[str, SecretRef] = {}
+    rows = []
+    for field, plaintext in plaintexts.items():
+        ref = uuid4().hex
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = aead.encrypt(nonce, plaintext.encode(), _secret_aad(owner, field, ref))
+        rows.append((ref, field, _SECRET_FORMAT + nonce + sealed))
+        refs[field] = SecretRef({"ref": ref, "fingerprint": _fingerprint(dek, field, plaintext)})
+    return refs, rows
+
+
 class EnvelopeVault(ABC):
     """:class:`commands.ports.SecretsVault` over any SQL store; subclasses bring connections."""
 
@@ -178,29 +220,29 @@ class EnvelopeVault(ABC):
                 raise VaultError("a secret needs a field name")
             if not isinstance(plaintext, str):
                 raise VaultError("a secret must be a string")
-        aad = _dek_aad(owner)
         for _ in range(_SEAL_ATTEMPTS):
             try:
-                with self._transaction(write=True) as conn:
-                    rows = self._rows(conn, _SELECT_DEK, (owner,))
-                    if not rows:
-                        wrapped = self.keyring.wrap(AESGCM.generate_key(bit_length=DEK_BYTES * 8), aad)
-                        conn.execute(self._dialect.render(_INSERT_DEK), (owner, self.keyring.active_kid, wrapped))
-                        rows = self._rows(conn, _SELECT_DEK, (owner,))
-                    dek = self.keyring.unwrap(bytes(rows[0][0]), aad)
-                    refs = {}
-                    for field, plaintext in plaintexts.items():
-                        ref = uuid4().hex
-                        nonce = os.urandom(NONCE_BYTES)
-                        aead = AESGCM(dek).encrypt(nonce, plaintext.encode(), _secret_aad(owner, field, ref))
-                        conn.execute(
-                            self._dialect.render(_INSERT_SEALED), (ref, owner, field, _SECRET_FORMAT + nonce + aead)
-                        )
-                        refs[field] = SecretRef({"ref": ref, "fingerprint": _fingerprint(dek, field, plaintext)})
+                refs = self._seal(owner, plaintexts)
             except self._integrity_errors:
                 continue  # the owner was shredded between reading its key and writing: start over
-            return refs
+            if refs is not None:
+                return refs
         raise VaultError(f"could not seal a secret for owner {owner}: its data key keeps disappearing")
+
+    def _seal(self, owner: str, plaintexts: Mapping[str, str]) -> dict[str, SecretRef] | None:
+        """One attempt: the owner's data key (created if missing) and the secrets, one transaction.
+        None (or the backend's integrity error) to start over."""
+        aad = _dek_aad(owner)
+        with self._transaction(write=True) as conn:
+            rows = self._rows(conn, _SELECT_DEK, (owner,))
+            if not rows:
+                wrapped = self.keyring.wrap(AESGCM.generate_key(bit_length=DEK_BYTES * 8), aad)
+                conn.execute(self._dialect.render(_INSERT_DEK), (owner, self.keyring.active_kid, wrapped))
+                rows = self._rows(conn, _SELECT_DEK, (owner,))
+            refs, sealed = _encrypt(self.keyring.unwrap(bytes(rows[0][0]), aad), owner, plaintexts)
+            for ref, field, blob in sealed:
+                conn.execute(self._dialect.render(_INSERT_SEALED), (ref, owner, field, blob))
+        return refs
 
     def open(self, owner_id: UUID, field: str, ref: str) -> str:
         owner = _owner(owner_id)
@@ -379,7 +421,8 @@ class PostgresVault(EnvelopeVault):
             pg.conninfo(),
             min_size=1,
             max_size=max_connections,
-            kwargs={"connect_timeout": 10},
+            # Autocommit: a seal is one statement, so one round trip (no BEGIN and COMMIT of its own).
+            kwargs={"connect_timeout": 10, "autocommit": True},
             name="integrations-vault",
             timeout=30,
             open=True,
@@ -393,9 +436,44 @@ class PostgresVault(EnvelopeVault):
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Any]:
-        # The pool commits on a clean exit and rolls back on an exception.
+        # A write runs in a transaction (committed on a clean exit, rolled back on an exception);
+        # a read is one statement, its own snapshot.
         with self._pool.connection() as conn:
-            yield conn
+            if write:
+                with conn.transaction():
+                    yield conn
+            else:
+                yield conn
+
+    def _seal(self, owner: str, plaintexts: Mapping[str, str]) -> dict[str, SecretRef] | None:
+        """One round trip for a new owner (every integration's create), two for a known one.
+
+        The transaction commits with ``synchronous_commit = off``: it returns before its WAL
+        record is flushed. That is safe because of what follows a seal. The secret matters only
+        once an event references it, and that event is committed afterwards, synchronously, to
+        the same PostgreSQL server (``open_vault`` and the event store use the same settings):
+        WAL is one sequence, flushed in order, so the event's commit flushes the vault's first.
+        The event can therefore never be durable without the secret it references. A crash in
+        between can lose the secret only together with the event (the command never answered);
+        if the event save fails instead, the sealed secret is an unreferenced orphan, harmless
+        (``create_integration`` shreds it). The commit is visible to every other session at
+        once, as with any commit; only its durability waits for the next flush (ADR 0011).
+        """
+        aad = _dek_aad(owner)
+        dek = AESGCM.generate_key(bit_length=DEK_BYTES * 8)
+        refs, rows = _encrypt(dek, owner, plaintexts)
+        with self._pool.connection() as conn:  # autocommit: each statement is its own transaction
+            wrapped = self.keyring.wrap(dek, aad)
+            params = (owner, self.keyring.active_kid, wrapped, *_columns(rows), owner)
+            cur = conn.execute(self._dialect.render(_PG_SEAL_NEW_OWNER), params)
+            sealed, existing, _ = cur.fetchone() or (0, None, None)
+            if sealed == len(rows) and existing is None:
+                return refs
+            if existing is None:
+                return None  # another transaction created the owner's key meanwhile: start over
+            refs, rows = _encrypt(self.keyring.unwrap(bytes(existing), aad), owner, plaintexts)
+            conn.execute(self._dialect.render(_PG_SEAL_EXISTING_OWNER), (owner, *_columns(rows)))
+        return refs
 
     def _create_tables(self) -> None:
         # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalogue; serialise it.

@@ -18,15 +18,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
+from queue import Empty
 from typing import Any, ClassVar, NamedTuple
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import InfrastructureFactory, Tracking
-from eventsourcing.projection import BaseProjectionRunner, Projection, ProjectionRunner
+from eventsourcing.persistence import InfrastructureFactory, ShutDown, Tracking
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresSubscription
+from eventsourcing.projection import Projection
 from eventsourcing.utils import Environment
 
 from projections.connections import Connections, PostgresConnectionsView, SQLiteConnectionsView
@@ -111,10 +113,18 @@ def rebuild(app: Application[Any], view: Any, projection: Any, batch_size: int =
     position = view.max_tracking_id(app.name)
     events = batches = 0
     while True:
+        # Every id up to the head read now is settled: ids are drawn under the event store's table
+        # lock (SQLite: its single writer), so commit order is id order and no gap fills later.
+        head = app.recorder.max_notification_id() or 0
         notifications = app.recorder.select_notifications(
             start=position or 0, limit=batch_size, topics=projection.topics, inclusive_of_start=False
         )
         if not notifications:
+            if head > (position or 0):
+                # None of the events since the last of ours is ours: start the runner at the head,
+                # not at our last event (a read model with rare events would re-read the rest).
+                view.advance(Tracking(app.name, head))
+                position = head
             break
         view.apply_batch([(app.mapper.to_domain_event(n), Tracking(app.name, n.id)) for n in notifications])
         position = notifications[-1].id
@@ -318,46 +328,128 @@ class LiveView:
 
 # --- supervision -----------------------------------------------------------------------------------
 
+_FEED_BATCH = 1000
 
-class _Runner(ProjectionRunner[Any, Any]):
-    """A ``ProjectionRunner`` over a view the supervisor keeps across restarts (one pool each)."""
 
-    def __init__(self, *, application_class: type[Any], projection: Projection[Any], env: Mapping[str, str]):
-        self.view = projection.view
-        self.projection = projection
-        BaseProjectionRunner.__init__(
-            self,
-            projection=projection,
-            application_class=application_class,
-            tracking_recorder=projection.view,
-            topics=projection.topics,
-            env=dict(env),
-        )
+def _batches(source: Any, limit: int, gather: float = 0.0) -> Iterator[list[Any]]:
+    """Block for the next notification, then add those already fetched, up to ``limit``.
+
+    Batches start at most every ``gather`` seconds: after a quiet spell the first notification
+    goes out at once, while under a stream of writes each batch waits for the rest of its
+    ``gather`` window, so that what arrives meanwhile shares its transactions (group commit).
+    """
+    began = 0.0
+    while True:
+        try:
+            first = next(source)
+        except StopIteration:
+            return
+        pause = began + gather - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        began = time.monotonic()
+        yield [first, *_fetched(source, limit - 1)]
+
+
+def _fetched(source: Any, room: int) -> list[Any]:
+    """Notifications the subscription has already selected, without waiting for more.
+
+    eventsourcing 9.5.6's ``ListenNotifySubscription`` (PostgreSQL, and our SQLite polling one)
+    keeps the rows of its current select in ``_notifications`` (read up to ``_notifications_index``)
+    and later selects in ``_notifications_queue``; its ``__next__`` reads them the same way, and
+    only the thread iterating calls it. Any other subscription gives batches of one.
+    """
+    if not all(hasattr(source, a) for a in ("_notifications", "_notifications_index", "_notifications_queue")):
+        return []
+    out: list[Any] = []
+    while len(out) < room:
+        rows, index = source._notifications, source._notifications_index
+        if index < len(rows):
+            taken = rows[index : index + room - len(out)]
+            source._notifications_index = index + len(taken)
+            out.extend(taken)
+            continue
+        try:
+            source._notifications = source._notifications_queue.get_nowait()
+        except (Empty, ShutDown):
+            break
+        source._notifications_queue.task_done()
+        source._notifications_index = 0
+    return out
+
+
+class _GatheringPostgresSubscription(PostgresSubscription):
+    """eventsourcing's LISTEN/NOTIFY subscription, pulling at most every ``gather`` seconds.
+
+    Its pull thread selects new rows on each NOTIFY: one select per write. Waiting out the rest
+    of ``gather`` first lets the NOTIFYs of a stream of writes share a select (the pull thread
+    itself clears the flag and selects everything new), while a write after a quiet spell is
+    pulled at once. Overrides ``_pull`` of eventsourcing 9.5.6 (pinned).
+    """
+
+    def __init__(self, recorder: PostgresApplicationRecorder, gt: int | None, gather: float) -> None:
+        self._gather = gather  # before the base class starts the pull thread
+        self._pulled = 0.0
+        super().__init__(recorder=recorder, gt=gt)
+
+    def _pull(self) -> None:
+        pause = self._pulled + self._gather - time.monotonic()
+        if pause > 0 and not self._has_been_stopped:
+            time.sleep(pause)
+        self._pulled = time.monotonic()
+        super()._pull()
 
 
 @dataclass
 class _Worker:
+    """One read model under the supervisor: its view, where it is in the log, its health."""
+
     read_model: str
+    topics: tuple[str, ...] = ()
+    wanted: frozenset[str] = frozenset()  # the topics, for a lookup per notification
     generation: int | None = None
     view: Any = None
-    runner: _Runner | None = None
-    thread: threading.Thread | None = None
-    position: int | None = None
-    passed: int = 0  # highest id known to need nothing more from this runner
+    position: int | None = None  # every event up to here that is for the view has been applied
+    passed: int = 0  # highest id known (from a look at the log) to need nothing more from it
+    stored: int | None = None  # the position in the view's tracking table (as far as we know)
+    stored_at: float = 0.0
     restarts: int = 0
     last_error: str | None = None
-    topics: Sequence[str] = field(default_factory=tuple)
+    retry_at: float | None = None  # failed: the feed leaves it alone, its own thread retries then
+    backoff: float = 0.0
+    failed_at: float = 0.0
+    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one writer of the view at a time
+    wake: threading.Event = field(default_factory=threading.Event)  # its thread has work
 
 
 class ProjectionSupervisor:
-    """One ``ProjectionRunner`` per read model, each in a thread, restarted with backoff.
+    """Keeps each read model's view (its active generation) up to date with the event log.
 
-    For the in-server mode (SQLite) and for ``integrations projections run``. With ``generations``
-    it follows the active generation of each read model; without, it runs the read models under
+    For the in-server mode and for ``integrations projections run``. With ``generations`` it
+    follows the active generation of each read model; without, it runs the read models under
     their own names. ``application_class`` is the Application subclass named "integrations".
+
+    One *feed* thread reads the log for every read model: a single subscription to the
+    application's recorder, not filtered by topic (on PostgreSQL a LISTEN connection and a pull
+    thread; on SQLite polling plus in-process wake-ups). Each batch it delivers (what the
+    subscription had selected by then, up to 1,000 notifications) is decoded once, and each view
+    gets its events in one transaction whose tracking position is the batch's last notification
+    (``SQLView.apply_batch``): exactly once, and a view also passes stretches of the log that
+    hold nothing for it, so no read model re-selects a stretch of the log that grows with every
+    write. Positions move in memory at once (``wait`` reads them) and are stored with every
+    batch that has events for the view, else at most every ``persist_every`` seconds and at stop.
+    Batches start at most every ``gather`` seconds (20 ms; on PostgreSQL the subscription's pulls
+    too): a write after a quiet spell is applied at once, a stream of writes shares selects and
+    transactions instead of paying for each (and its GIL time beside the request threads).
+    ADR 0011 says why this replaced one eventsourcing ``ProjectionRunner`` per read model.
+
+    Each read model also has a thread of its own. It opens the view, brings it up to the feed
+    when it is behind (at start, after a failure, after a generation switch: it selects what the
+    view missed), retries a failed view with exponential backoff, and follows generation
+    switches. The feed never waits for it: a failing or lagging view does not hold up the others.
     ``wait`` and ``status`` read the event store through ``app`` (for example the server's own
-    application), or through one the supervisor constructs; never through a runner's, which a
-    restart may be closing at that moment.
+    application) or through one the supervisor constructs.
     """
 
     def __init__(
@@ -372,8 +464,11 @@ class ProjectionSupervisor:
         max_backoff: float = 30.0,
         grace: float = 30.0,
         app: Application[Any] | None = None,
+        persist_every: float = 1.0,
+        gather: float = 0.02,
     ) -> None:
         self.application_class = application_class
+        self.gather = gather
         self._app = app
         self._own_app: Application[Any] | None = None
         self.app_name = application_class.name
@@ -382,17 +477,27 @@ class ProjectionSupervisor:
         self.poll_interval = poll_interval
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self._workers = {name: _Worker(name, topics=READ_MODELS[name].projection.topics) for name in read_models}
+        self.persist_every = persist_every
+        self._workers = {
+            name: _Worker(name, topics=tuple(topics), wanted=frozenset(topics))
+            for name, topics in ((n, READ_MODELS[n].projection.topics) for n in read_models)
+        }
         self._changed = threading.Condition()
         self._version = 0
         self._stopping = threading.Event()
         self._retired = _Retired(grace)
+        self._delivered: int | None = None  # the feed has handed out every notification up to here
+        self._subscription: Any = None
+        self._feed_thread: threading.Thread | None = None
+        self.feed_restarts = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> ProjectionSupervisor:
         if self._app is None:
             self._app = self._own_app = self.application_class(dict(self._env_for(next(iter(self._workers)))))
+        self._feed_thread = threading.Thread(target=self._feed, name="projection-feed", daemon=True)
+        self._feed_thread.start()
         for worker in self._workers.values():
             worker.thread = threading.Thread(
                 target=self._supervise, args=(worker,), name=f"projection-{worker.read_model}", daemon=True
@@ -402,14 +507,20 @@ class ProjectionSupervisor:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        with self._changed:
+            subscription = self._subscription
+        if subscription is not None:
+            subscription.stop()
         for worker in self._workers.values():
-            if worker.runner is not None:
-                worker.runner.stop()
-        for worker in self._workers.values():
-            if worker.thread is not None:
-                worker.thread.join(timeout)
+            worker.wake.set()
+        threads = [self._feed_thread, *(w.thread for w in self._workers.values())]
+        for thread in threads:
+            if thread is not None:
+                thread.join(timeout)
         for worker in self._workers.values():
             if worker.view is not None:
+                with worker.lock:
+                    self._store_position(worker, due=True)
                 _close_quietly(worker.view)
                 worker.view = None
         self._retired.close_due(everything=True)
@@ -431,17 +542,17 @@ class ProjectionSupervisor:
             return {name: w.position for name, w in self._workers.items()}
 
     def view(self, read_model: str) -> Any:
-        """The view the runner of ``read_model`` writes (None before the first start)."""
+        """The view the supervisor writes for ``read_model`` (None before it is opened)."""
         return self._workers[read_model].view
 
     def generation(self, read_model: str) -> int | None:
         return self._workers[read_model].generation
 
     def wait(self, position: int | None, timeout: float) -> bool:
-        """True as soon as every runner has passed notification ``position``; False on timeout.
+        """True as soon as every view has passed notification ``position``; False on timeout.
 
-        A runner has passed it when it processed it, or when none of the events up to it are of
-        its topics. Woken by each processed event, not by polling.
+        A view has passed it when it applied it, or when none of the events up to it are of its
+        topics. Woken by each batch the views take, not by polling.
         """
         if position is None:
             return True
@@ -503,9 +614,9 @@ class ProjectionSupervisor:
         """Per read model: generation, position, lag, running, restarts, last error; and ``caught_up``."""
         report: dict[str, Any] = {}
         caught_up = True
+        feeding = self._subscription is not None and not self._stopping.is_set()
         for name, worker in self._workers.items():
-            runner = worker.runner
-            running = runner is not None and not runner.is_interrupted.is_set()
+            running = feeding and worker.view is not None and worker.retry_at is None
             try:
                 lag: int | None = None if self._app is None else self._lag(self._app, worker, max_lag + 1)
             except Exception:
@@ -522,103 +633,207 @@ class ProjectionSupervisor:
         report["caught_up"] = caught_up
         return report
 
-    # --- the worker loop ---------------------------------------------------------------------------
+    # --- the feed ----------------------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        """Subscribe to the whole log and hand each batch to every view; resubscribe on failure."""
+        backoff = self.min_backoff
+        while not self._stopping.is_set():
+            try:
+                app = self._app
+                assert app is not None
+                start = self._delivered
+                if start is None:
+                    # The views catch up to here by themselves (their own threads select it).
+                    start = app.recorder.max_notification_id() or 0
+                recorder = app.recorder
+                if isinstance(recorder, PostgresApplicationRecorder):
+                    subscription = _GatheringPostgresSubscription(recorder, start, self.gather)
+                    gather = 0.0  # the subscription gathers already
+                else:
+                    subscription = recorder.subscribe(gt=start)
+                    gather = self.gather
+                with self._changed:
+                    self._subscription = subscription
+                    self._delivered = start
+                    self._version += 1
+                    self._changed.notify_all()
+                for worker in self._workers.values():
+                    worker.wake.set()
+                with subscription:
+                    if self._stopping.is_set():
+                        subscription.stop()  # stop() may have run before it was published
+                    for notifications in _batches(subscription, _FEED_BATCH, gather):
+                        self._dispatch(app, notifications)
+                        backoff = self.min_backoff
+            except Exception:
+                if self._stopping.is_set():
+                    break
+                self.feed_restarts += 1
+                log.exception("projection feed failed; resubscribing in %.1fs", backoff)
+            finally:
+                with self._changed:
+                    self._subscription = None
+            if not self._stopping.is_set():
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def _dispatch(self, app: Application[Any], notifications: list[Any]) -> None:
+        with self._changed:
+            previous = self._delivered or 0
+        decoded: dict[int, Any] = {}  # each event decoded once, whichever views want it
+        left: list[_Worker] = []  # for their own threads to bring up (they select what they miss)
+        for worker in self._workers.values():
+            if worker.view is None or worker.retry_at is not None:
+                continue
+            if not worker.lock.acquire(blocking=False):
+                left.append(worker)  # its thread is busy with it
+                continue
+            try:
+                if (worker.position or 0) < previous:
+                    left.append(worker)  # behind the feed
+                    continue
+                self._apply(app, worker, notifications, decoded)
+            except Exception as e:
+                self._failed(worker, e)
+            finally:
+                worker.lock.release()
+        with self._changed:
+            self._delivered = notifications[-1].id
+            self._version += 1
+            self._changed.notify_all()
+        for worker in left:  # after ``_delivered`` moved: they catch up to this batch too
+            worker.wake.set()
+
+    def _apply(self, app: Application[Any], worker: _Worker, notifications: list[Any], decoded: dict[int, Any]) -> None:
+        """Hand ``worker`` its events among ``notifications`` (it has every one before them)."""
+        position = worker.position or 0
+        last = notifications[-1].id
+        if last <= position:
+            return
+        items = []
+        for n in notifications:
+            if n.id > position and n.topic in worker.wanted:
+                event = decoded.get(n.id)
+                if event is None:
+                    event = decoded[n.id] = app.mapper.to_domain_event(n)
+                items.append((event, Tracking(self.app_name, n.id)))
+        self._record(worker, items, last)
+
+    def _record(self, worker: _Worker, items: list[Any], last: int) -> None:
+        """Apply ``items`` and move the position to ``last`` (stored now if there were events)."""
+        if items:
+            # Only this supervisor writes the view, so it knows the stored position: the apply
+            # checks it as it moves it, instead of reading and locking it first.
+            worker.view.apply_batch(items, Tracking(self.app_name, last), expected=worker.stored)
+            worker.stored, worker.stored_at = last, time.monotonic()
+        self._processed(worker, last)
+        self._store_position(worker, due=False)
+
+    def _store_position(self, worker: _Worker, *, due: bool) -> None:
+        """Store a position that moved past events of other read models only (under the lock)."""
+        position = worker.position
+        if position is None or (worker.stored or 0) >= position:
+            return
+        if not due and time.monotonic() - worker.stored_at < self.persist_every:
+            return
+        try:
+            worker.view.advance(Tracking(self.app_name, position), expected=worker.stored)
+        except Exception:  # only saves a restart from re-reading that stretch of the log
+            log.debug("projection %s: could not store position %d", worker.read_model, position, exc_info=True)
+            return
+        worker.stored, worker.stored_at = position, time.monotonic()
+
+    # --- each read model's own thread --------------------------------------------------------------
 
     def _notify(self) -> None:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
 
-    def _processed(self, worker: _Worker, notification_id: int) -> None:
+    def _processed(self, worker: _Worker, notification_id: int | None) -> None:
+        """The view has passed ``notification_id``: applied it, or it holds nothing for the view."""
         with self._changed:
             worker.position = notification_id
             self._version += 1
             self._changed.notify_all()
 
-    def _name(self, worker: _Worker) -> str:
-        generation = worker.generation
-        return worker.read_model if generation is None else generation_name(worker.read_model, generation)
+    def _supervise(self, worker: _Worker) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._follow_generation(worker)
+                if worker.retry_at is None or time.monotonic() >= worker.retry_at:
+                    self._catch_up(worker)
+                    if worker.retry_at is not None:
+                        log.info("projection %s is running again", worker.read_model)
+                        worker.retry_at = None
+                with worker.lock:
+                    if worker.view is not None:
+                        self._store_position(worker, due=False)
+            except Exception as e:
+                self._failed(worker, e)
+            timeout = self.poll_interval
+            if worker.retry_at is not None:
+                timeout = min(timeout, max(0.0, worker.retry_at - time.monotonic()))
+            worker.wake.wait(timeout)
+            worker.wake.clear()
 
-    def _open(self, worker: _Worker) -> None:
-        """Start a runner on the active generation (a new view only when the generation moved)."""
-        generation = None if self._generations is None else self._generations.ensure(worker.read_model)
-        if worker.view is None or generation != worker.generation:
+    def _follow_generation(self, worker: _Worker) -> None:
+        """Open the view of the active generation if it is not the one open (at start, on a flip)."""
+        if self._generations is None:
+            generation = None
+        elif worker.view is None:
+            generation = self._generations.ensure(worker.read_model)
+        else:
+            generation = self._generations.active(worker.read_model)
+        if worker.view is not None and generation == worker.generation:
+            return
+        name = worker.read_model if generation is None else generation_name(worker.read_model, generation)
+        view = construct_view(worker.read_model, self._env_for(name), name)
+        position = view.max_tracking_id(self.app_name)
+        with worker.lock:
             old = worker.view
             with self._changed:
-                worker.generation = generation
-                worker.view = construct_view(worker.read_model, self._env_for(self._name(worker)), self._name(worker))
-                worker.passed = 0
-            if old is not None:
-                self._retired.add(old)
-        projection = READ_MODELS[worker.read_model].projection(view=worker.view)
-        projection.process_event = _notifying(projection.process_event, lambda n: self._processed(worker, n))
-        runner = _Runner(
-            application_class=self.application_class, projection=projection, env=self._env_for(self._name(worker))
-        )
-        runner.__enter__()
-        with self._changed:
-            worker.runner = runner
-            worker.position = worker.view.max_tracking_id(self.app_name)
-            self._version += 1
-            self._changed.notify_all()
+                worker.view, worker.generation = view, generation
+                worker.stored, worker.stored_at = position, time.monotonic()
+                worker.position, worker.passed = position, 0
+                self._version += 1
+                self._changed.notify_all()
+        if old is not None:
+            self._retired.add(old)
+            log.info("%s: following generation %s", worker.read_model, generation)
+        self._retired.close_due()
 
-    def _supervise(self, worker: _Worker) -> None:
-        backoff = self.min_backoff
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            failed = False
-            try:
-                self._open(worker)
-                failed = self._follow(worker)
-            except Exception as e:
-                failed = True
-                worker.last_error = f"{type(e).__name__}: {e}"
-                log.exception("projection %s failed", worker.read_model)
-            finally:
-                self._close_runner(worker)
-                self._retired.close_due()
-            if failed and not self._stopping.is_set():
-                worker.restarts += 1
-                if time.monotonic() - started > self.max_backoff:
-                    backoff = self.min_backoff  # it ran well for a while: start the backoff afresh
-                log.warning("restarting projection %s in %.1fs", worker.read_model, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+    def _catch_up(self, worker: _Worker) -> None:
+        """Bring the view up to what the feed has delivered, selecting its events from the log."""
+        app = self._app
+        while app is not None and not self._stopping.is_set():
+            with self._changed:
+                target = self._delivered
+            with worker.lock:
+                position = worker.position or 0
+                if target is None or position >= target:
+                    return
+                # Every id up to ``target`` is settled (the feed has seen it, or it was the head).
+                notifications = app.recorder.select_notifications(
+                    start=position, limit=_FEED_BATCH, stop=target, topics=worker.topics, inclusive_of_start=False
+                )
+                end = notifications[-1].id if len(notifications) == _FEED_BATCH else target
+                items = [(app.mapper.to_domain_event(n), Tracking(self.app_name, n.id)) for n in notifications]
+                self._record(worker, items, end)
 
-    def _follow(self, worker: _Worker) -> bool:
-        """Run until stopped (False), the generation moved (False), or the runner failed (raises)."""
-        runner = worker.runner
-        assert runner is not None
-        while not self._stopping.is_set():
-            runner.run_forever(timeout=self.poll_interval)  # re-raises the projection's error
-            if runner.is_interrupted.is_set():
-                return not self._stopping.is_set()  # ended without an error nor a stop: restart
-            self._retired.close_due()
-            active = None if self._generations is None else self._generations.active(worker.read_model)
-            if active != worker.generation:
-                log.info("%s: following generation %s", worker.read_model, active)
-                return False
-        return False
-
-    def _close_runner(self, worker: _Worker) -> None:
-        runner = worker.runner
-        if runner is None:
-            return
-        with self._changed:
-            worker.runner = None
-        try:
-            runner.__exit__(None, None, None)
-        except Exception:
-            log.exception("projection %s: error while stopping its runner", worker.read_model)
+    def _failed(self, worker: _Worker, error: Exception) -> None:
+        now = time.monotonic()
+        if now - worker.failed_at > self.max_backoff:
+            worker.backoff = 0.0  # it ran well for a while: start the backoff afresh
+        worker.backoff = min(max(worker.backoff * 2, self.min_backoff), self.max_backoff)
+        worker.failed_at, worker.retry_at = now, now + worker.backoff
+        worker.restarts += 1
+        worker.last_error = f"{type(error).__name__}: {error}"
+        log.error("projection %s failed", worker.read_model, exc_info=error)
+        log.warning("restarting projection %s in %.1fs", worker.read_model, worker.backoff)
+        worker.wake.set()
         self._notify()
-
-
-def _notifying(process_event: Callable[[Any, Tracking], None], processed: Callable[[int], None]) -> Any:
-    def process(domain_event: Any, tracking: Tracking) -> None:
-        process_event(domain_event, tracking)
-        processed(tracking.notification_id)
-
-    return process
 
 
 def _close_quietly(view: Any) -> None:

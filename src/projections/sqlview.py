@@ -34,6 +34,11 @@ from psycopg.sql import SQL
 
 Row = dict[str, Any]
 EventItem = tuple[Any, Tracking]
+UNKNOWN: Any = object()  # apply_batch(expected=...): the caller does not know the view's position
+
+
+class _PositionMoved(Exception):
+    """The view's position was not where the writer expected: roll back, take the careful path."""
 
 
 def iso(ts: datetime) -> str:
@@ -71,8 +76,9 @@ class ReadModelView(TrackingRecorder, ABC):
         """Apply one event with its tracking position; False if it was already applied."""
 
     @abstractmethod
-    def apply_batch(self, items: list[EventItem]) -> bool:
-        """Apply many events in one transaction, tracking the last; False if none was new."""
+    def apply_batch(self, items: list[EventItem], tracking: Tracking | None = None) -> bool:
+        """Apply many events in one transaction, tracking ``tracking`` (default: the last item's);
+        False if the view was already there."""
 
     @abstractmethod
     def reset(self, application_name: str) -> None:
@@ -177,29 +183,105 @@ class SQLView(ReadModelView, ABC):
     def apply(self, event: Any, tracking: Tracking) -> bool:
         return self.apply_batch([(event, tracking)])
 
-    def apply_batch(self, items: list[EventItem]) -> bool:
-        if not items:
+    def apply_batch(self, items: list[EventItem], tracking: Tracking | None = None, *, expected: Any = UNKNOWN) -> bool:
+        """Apply the events newer than the view's position and record ``tracking``, in one transaction.
+
+        ``tracking`` defaults to the last item's. A runner passes the last notification it has seen,
+        which may be an event of other topics after the last item: the position then also passes
+        stretches of the log that hold nothing for this view (with no items, only the position
+        moves). False if the view was already at or past ``tracking``.
+
+        ``expected`` is the position the caller believes the view is at (None: no position yet),
+        when it is the view's only writer. The transaction then starts writing at once and moves
+        the position only from ``expected``, checked as its last statement; if it was elsewhere
+        (another writer, a reset), the transaction rolls back and the batch takes the careful
+        path: read (and lock) the position first, and apply only what is newer.
+        """
+        target = tracking if tracking is not None else (items[-1][1] if items else None)
+        if target is None:
             return False
-        application_name = items[-1][1].application_name
+        if items and items[-1][1].notification_id > target.notification_id:
+            raise ValueError("the tracking position to record is before the batch's last event")
+        if (
+            expected is not UNKNOWN
+            and (expected is None or expected < target.notification_id)
+            and self.datastore.single_row_tracking
+        ):
+            try:
+                self._apply_from(items, target, expected)
+                return True
+            except _PositionMoved:
+                pass
         with self.datastore.transaction(commit=True) as cur:
-            row = self.fetch_one(
-                cur,
-                "SELECT notification_id FROM {tracking} WHERE application_name = %s{for_update}",
-                (application_name,),
-            )
-            position = None if row is None else row["notification_id"]
-            fresh = [(e, t) for e, t in items if position is None or t.notification_id > position]
-            if not fresh:
-                return False
-            batch = Batch(cur)
             with self._pipeline(cur):
+                self._begin_write(cur)
+                row = self.fetch_one(
+                    cur,
+                    "SELECT notification_id FROM {tracking} WHERE application_name = %s{for_update}",
+                    (target.application_name,),
+                )
+            position = None if row is None else row["notification_id"]
+            if position is not None and target.notification_id <= position:
+                return False
+            fresh = [(e, t) for e, t in items if position is None or t.notification_id > position]
+            if fresh:
+                batch = Batch(cur)
+                with self._pipeline(cur):
+                    for event, _ in fresh:
+                        self._apply_event(batch, event)
+                    self._flush(batch)
+            # After the pipeline: the tracking insert reads its RETURNING row, and inside a long
+            # pipeline that fetch can meet another statement's result ("didn't produce records").
+            self._insert_tracking(cur, target)
+        return True
+
+    def _apply_from(self, items: list[EventItem], target: Tracking, expected: int | None) -> None:
+        """One transaction: the events after ``expected``, then the position from ``expected`` to
+        ``target`` (raises :class:`_PositionMoved`, rolling all back, if it was not there)."""
+        fresh = [(e, t) for e, t in items if expected is None or t.notification_id > expected]
+        with self._writing() as cur:  # pipelined already, where the dialect pipelines
+            self._begin_write(cur)
+            if fresh:
+                batch = Batch(cur)
                 for event, _ in fresh:
                     self._apply_event(batch, event)
                 self._flush(batch)
-            # After the pipeline: the tracking insert reads its RETURNING row, and inside a long
-            # pipeline that fetch can meet another statement's result ("didn't produce records").
-            self._insert_tracking(cur, fresh[-1][1])
-        return True
+            # Its own cursor: a fetch on the pipeline's shared one could read another statement's result.
+            guard = self._cursor(cur)
+            if expected is None:
+                guard.execute(
+                    self.sql(
+                        "INSERT INTO {tracking} (application_name, notification_id) VALUES (%s, %s) "
+                        "ON CONFLICT (application_name) DO NOTHING RETURNING notification_id"
+                    ),
+                    (target.application_name, target.notification_id),
+                )
+            else:
+                guard.execute(
+                    self.sql(
+                        "UPDATE {tracking} SET notification_id = %s "
+                        "WHERE application_name = %s AND notification_id = %s RETURNING notification_id"
+                    ),
+                    (target.notification_id, target.application_name, expected),
+                )
+            if guard.fetchone() is None:
+                raise _PositionMoved
+
+    def _writing(self) -> Any:
+        """A write transaction (committed on a clean exit), giving its cursor."""
+        return self.datastore.transaction(commit=True)
+
+    def _cursor(self, cur: Any) -> Any:
+        """Another cursor in ``cur``'s transaction."""
+        return cur
+
+    def advance(self, tracking: Tracking, *, expected: Any = UNKNOWN) -> bool:
+        """Record ``tracking`` as the position without applying anything (nothing before it is
+        for this view); False if the view was already there."""
+        return self.apply_batch([], tracking, expected=expected)
+
+    def _begin_write(self, cur: Any) -> None:
+        """First statement of an apply transaction (a dialect's transaction settings)."""
 
     def reset(self, application_name: str) -> None:
         with self.datastore.transaction(commit=True) as cur:
@@ -269,6 +351,23 @@ class PostgresView(SQLView, PostgresTrackingRecorder):
     def _pipeline(self, cur: Any) -> Any:
         # Writes are sent without waiting for each result; a read (fetch) syncs.
         return cur.connection.pipeline()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        # The pipeline first, so that BEGIN, the statements, the position check and COMMIT go out
+        # together: two round trips (the check's result, then the commit's) rather than one each.
+        with self.datastore.get_connection() as conn, conn.pipeline(), conn.transaction():
+            yield conn.cursor()
+
+    def _cursor(self, cur: Any) -> Any:
+        return cur.connection.cursor()
+
+    def _begin_write(self, cur: Any) -> None:
+        # A view is derived data, and its rows and tracking position commit together: a crash
+        # may lose the last few milliseconds of view transactions, never half of one, and the
+        # runner then re-applies those events from the older position (ADR 0011). So the commit
+        # need not wait for the WAL flush, which would also queue behind the event store's.
+        cur.execute("SET LOCAL synchronous_commit = off")
 
     @contextmanager
     def _reading(self) -> Iterator[Any]:

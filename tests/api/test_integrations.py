@@ -216,3 +216,21 @@ def test_history_records_actor_for_every_change(api: Api) -> None:
     assert {h["actorId"] for h in history} == {"alice"}
     assert all(h["at"].endswith("Z") for h in history)
     assert "sk-test-secret-value" not in str(history)
+
+
+def test_a_taken_slug_is_409_without_a_read_first_and_leaves_no_sealed_secret(api: Api) -> None:
+    """The create claims its slug optimistically (a new UniqueKey at version 1): a taken key
+    collides on the store's primary key, the retry reads it, and answers 409; the secret sealed
+    for the refused integration is shredded. A released key is claimed again the same way."""
+    alice = api.user("alice")
+    first = api.integration(alice, slug="dup")
+    keys = sum(api.runtime.vault.key_usage().values())
+    r = api.client.post(
+        "/api/integrations", json={"name": "Again", "slug": "dup", "apiKey": "sk-other"}, headers=alice
+    )
+    assert r.status_code == 409
+    assert sum(api.runtime.vault.key_usage().values()) == keys  # nothing references it: shredded
+    assert api.client.patch(f"/api/integrations/{first['id']}", json={"slug": "moved"}, headers=alice).status_code == 200
+    again = api.integration(alice, slug="dup")  # the released key, claimed again
+    assert again["id"] != first["id"]
+    assert api.client.get("/api/integrations/alice:dup", headers=alice).json()["id"] == again["id"]
