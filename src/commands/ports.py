@@ -22,7 +22,9 @@ class VaultError(Exception):
 
 class SecretsVault(Protocol):
     def seal(self, owner_id: UUID, field: str, plaintext: str) -> SecretRef:
-        """Encrypt and store ``plaintext`` for ``owner_id``'s ``field``; durable on return."""
+        """Encrypt and store ``plaintext`` for ``owner_id``'s ``field``. Durable once the next
+        synchronous commit on the same store returns (on PostgreSQL the seal itself commits
+        asynchronously, ADR 0011); write the referencing event afterwards, never before."""
         ...
 
     def seal_many(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> dict[str, SecretRef]:
