@@ -32,7 +32,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import httpx
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
+
+from benchkit import free_port, load_errors, log, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
@@ -78,10 +79,6 @@ GET_P99_TARGET_MS = 15.0
 POST_RATIO_TARGET = 0.5
 PAGE_LIMIT = 50
 DEEP_START = 1000
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ============================================================================ the data set
@@ -380,19 +377,6 @@ def timed(fn: Callable[[], Any], iterations: int, warmup: int = 20) -> dict[str,
         fn()
         samples.append(time.perf_counter() - t0)
     return latency_stats(samples)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def sh(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def machine(conninfo: str) -> dict[str, Any]:
@@ -1152,7 +1136,9 @@ def run(
                     log(f"GET {path} as {user}, c={c}, {args.duration:g}s ...")
                     row["http"][str(c)] = load.run(token=token, concurrency=c, duration=args.duration, path=path)
                     h = row["http"][str(c)]
-                    log(f"  {h['rps']:,} req/s, p50 {h['p50_ms']:.2f} / p99 {h['p99_ms']:.2f} ms, errors {_errors(h)}")
+                    log(
+                        f"  {h['rps']:,} req/s, p50 {h['p50_ms']:.2f} / p99 {h['p99_ms']:.2f} ms, errors {load_errors(h)}"
+                    )
                 iterations = max(200, min(20_000, int(row["http"][str(get_conc[0])]["requests"])))
                 sql, params, count = page_sql(listing, ids, case["q"], case["start"])
 
@@ -1207,7 +1193,7 @@ def run(
                 log(f"POST /api/integrations as {user}, c={c}, {args.duration:g}s ...")
                 load_before = os.getloadavg()
                 h = load.run(token=token, concurrency=c, duration=args.duration, post_prefix=prefix)
-                log(f"  {h['rps']:,} req/s, p50 {h['p50_ms']:.2f} / p99 {h['p99_ms']:.2f} ms, errors {_errors(h)}")
+                log(f"  {h['rps']:,} req/s, p50 {h['p50_ms']:.2f} / p99 {h['p99_ms']:.2f} ms, errors {load_errors(h)}")
                 post_rows.append({"concurrency": c, "http": h, "loadavg_before": [round(x, 2) for x in load_before]})
             time.sleep(2)
             created = listing.count() - before
@@ -1320,7 +1306,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "target": f"GET {row['case']}: p99 < {GET_P99_TARGET_MS:g} ms through HTTP at c=1",
                 "value": f"{h['p99_ms']:.2f} ms",
-                "pass": h["p99_ms"] < GET_P99_TARGET_MS and not _errors(h),
+                "pass": h["p99_ms"] < GET_P99_TARGET_MS and not load_errors(h),
             }
         )
     bare = results.get("bare", {})
@@ -1334,14 +1320,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "target": f"POST c={c}: >= {POST_RATIO_TARGET:g} x bare create+save ({c} thread(s))",
                 "value": f"{row['http']['rps']:,.0f} / {reference['rps']:,.0f} = {ratio:.2f}",
-                "pass": ratio >= POST_RATIO_TARGET and not _errors(row["http"]),
+                "pass": ratio >= POST_RATIO_TARGET and not load_errors(row["http"]),
             }
         )
     return out
-
-
-def _errors(h: dict[str, Any]) -> int:
-    return sum(int(v) for v in h.get("errors", {}).values())
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -1411,7 +1393,7 @@ def markdown(results: dict[str, Any]) -> str:
             cells = f"| {row['case']} | {row['total']:,} |"
             for c in conc:
                 h = row["http"][c]
-                err = f" ({_errors(h)} errors)" if _errors(h) else ""
+                err = f" ({load_errors(h)} errors)" if load_errors(h) else ""
                 cells += f" {h['p50_ms']:.2f} / {h['p99_ms']:.2f}{err} | {h['rps']:,.0f} |"
             cells += (
                 f" {row['view_page']['p50_ms']:.2f} / {row['view_page']['p99_ms']:.2f} |"
@@ -1429,7 +1411,7 @@ def markdown(results: dict[str, Any]) -> str:
         for row in results["post"]["rows"]:
             h, b = row["http"], results.get("bare", {}).get(str(row["concurrency"]), {})
             lines.append(
-                f"| c={row['concurrency']} | {h['rps']:,.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {_errors(h)} | "
+                f"| c={row['concurrency']} | {h['rps']:,.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {load_errors(h)} | "
                 f"{b.get('rps', float('nan')):,.0f} |"
             )
         lines.append("")

@@ -109,8 +109,9 @@ class Process:
         try:
             code = self.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"integrations {' '.join(self.args)} still running {STOP_TIMEOUT}s after SIGTERM\n"
-                        f"{self.output()}")
+            pytest.fail(
+                f"integrations {' '.join(self.args)} still running {STOP_TIMEOUT}s after SIGTERM\n{self.output()}"
+            )
         assert code == 0, f"integrations {' '.join(self.args)} exited {code} on SIGTERM\n{self.output()}"
         return time.monotonic() - started
 
@@ -126,9 +127,7 @@ class Server(Process):
         self.port = free_port()
         super().__init__(env, log, "serve", "--host", "127.0.0.1", "--port", str(self.port))
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(
-            base_url=self.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=15
-        )
+        self.http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=15)
 
     def wait_ready(self) -> dict[str, Any]:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -172,8 +171,9 @@ def running(env: dict[str, str], log: Path, *args: str) -> Iterator[Process]:
 
 
 def ok(response: httpx.Response, status: int = 200) -> Any:
-    assert response.status_code == status, f"{response.request.method} {response.request.url}: " \
-        f"{response.status_code} {response.text[:500]}"
+    assert response.status_code == status, (
+        f"{response.request.method} {response.request.url}: {response.status_code} {response.text[:500]}"
+    )
     return response.json() if response.content else None
 
 
@@ -181,16 +181,26 @@ def create_jane(http: httpx.Client) -> None:
     ok(
         http.post(
             "/api/users",
-            json={"id": "jane", "email": "jane@example.com", "password": JANE_PASSWORD,
-                  "permissions": ["integrationCreation"]},
+            json={
+                "id": "jane",
+                "email": "jane@example.com",
+                "password": JANE_PASSWORD,
+                "permissions": ["integrationCreation"],
+            },
         ),
         201,
     )
 
 
 def create_weather(http: httpx.Client) -> dict[str, Any]:
-    body = {"name": "Weather API", "authType": "apikey", "apiBaseUri": "https://api.weather.example.com/v2",
-            "apiKey": API_KEY, "apiKeyName": "X-Api-Key", "description": "Forecasts"}
+    body = {
+        "name": "Weather API",
+        "authType": "apikey",
+        "apiBaseUri": "https://api.weather.example.com/v2",
+        "apiKey": API_KEY,
+        "apiKeyName": "X-Api-Key",
+        "description": "Forecasts",
+    }
     created = ok(http.post("/api/integrations", json=body), 201)
     assert created["hasApiKey"] is True and created["slug"] == "weather-api"
     return dict(created)
@@ -199,8 +209,9 @@ def create_weather(http: httpx.Client) -> dict[str, Any]:
 def secrets_still_open(http: httpx.Client, integration_id: str) -> None:
     """What needs the master key: a login (opens jane's password hash) and a new secret (sealed
     under the integration's data key, which the master key unwraps)."""
-    login = http.post("/api/auth/login", json={"username": "jane", "password": JANE_PASSWORD},
-                      headers={"Authorization": ""})
+    login = http.post(
+        "/api/auth/login", json={"username": "jane", "password": JANE_PASSWORD}, headers={"Authorization": ""}
+    )
     assert ok(login)["userId"] == "jane"
     patched = ok(http.patch(f"/api/integrations/{integration_id}", json={"description": "After restart"}))
     assert patched["description"] == "After restart" and patched["hasApiKey"] is True
@@ -219,8 +230,9 @@ def listed_ids(http: httpx.Client) -> set[str]:
 def test_serve_stops_gracefully_and_restarts_on_the_same_store(settings: Settings, tmp_path: Path) -> None:
     sqlite = settings.postgres is None
     # SQLite: no INTEGRATIONS_MASTER_KEY, so the server generates <data dir>/master.key and must reuse it.
-    env = env_for(settings, INTEGRATIONS_ADMIN_TOKEN=ADMIN_TOKEN,
-                  INTEGRATIONS_MASTER_KEY=None if sqlite else TEST_MASTER_KEY)
+    env = env_for(
+        settings, INTEGRATIONS_ADMIN_TOKEN=ADMIN_TOKEN, INTEGRATIONS_MASTER_KEY=None if sqlite else TEST_MASTER_KEY
+    )
     key_file = settings.data_dir / "master.key"
 
     with serving(env, tmp_path / "first.log") as server:
@@ -230,7 +242,14 @@ def test_serve_stops_gracefully_and_restarts_on_the_same_store(settings: Setting
         assert len(ok(server.http.get("/api/users/admin/tokens"))) == 1
         create_jane(server.http)
         weather = create_weather(server.http)
+        r = server.http.get("/oauth2/callback", params={"state": "s3cret-state-value", "code": "s3cret-code"})
+        assert r.status_code == 400
         assert server.stop() < STOP_TIMEOUT
+        # One access line per request, never with its query string (the callback carries code/state).
+        log_text = server.output()
+        assert "GET /api/me 200" in log_text
+        assert "GET /oauth2/callback 400" in log_text
+        assert "s3cret" not in log_text
 
     if sqlite:
         assert key_file.is_file()
@@ -270,14 +289,20 @@ def test_external_projections_worker_on_postgres(pg_schema: PostgresConfig, tmp_
     )
     # Both start at once, as a process manager would start them; the server's start-up waits for the
     # worker to project the admin bootstrap.
-    with running(env, tmp_path / "worker.log", "projections", "run") as worker, \
-            serving(env, tmp_path / "server.log") as server:
+    with (
+        running(env, tmp_path / "worker.log", "projections", "run") as worker,
+        serving(env, tmp_path / "server.log") as server,
+    ):
         ready = server.wait_ready()
         assert ready["checks"]["projections"]["caught_up"] is True
         created = server.http.post(
             "/api/integrations",
-            json={"name": "Drive", "authType": "bearer", "apiBaseUri": "https://www.googleapis.com/drive/v3",
-                  "bearerToken": "ya29.plaintext"},
+            json={
+                "name": "Drive",
+                "authType": "bearer",
+                "apiBaseUri": "https://www.googleapis.com/drive/v3",
+                "bearerToken": "ya29.plaintext",
+            },
         )
         integration = ok(created, 201)
         position = int(created.headers["X-Event-Position"])
@@ -306,8 +331,13 @@ def test_operator_commands(settings: Settings, tmp_path: Path) -> None:
         weather = create_weather(server.http)
         ok(server.http.put(f"/api/integrations/{weather['id']}/shares/jane", json={"accessLevel": 2}))
         ok(server.http.patch(f"/api/integrations/{weather['id']}", json={"description": "Forecasts and alerts"}))
-        other = ok(server.http.post("/api/integrations", json={"name": "Status Page", "authType": "none",
-                                                              "apiBaseUri": "http://127.0.0.1:9/status"}), 201)
+        other = ok(
+            server.http.post(
+                "/api/integrations",
+                json={"name": "Status Page", "authType": "none", "apiBaseUri": "http://127.0.0.1:9/status"},
+            ),
+            201,
+        )
         before = listed_ids(server.http)
         assert before == {weather["id"], other["id"]}
 
@@ -319,16 +349,19 @@ def test_operator_commands(settings: Settings, tmp_path: Path) -> None:
         assert API_KEY not in out and JANE_PASSWORD not in out
         assert any(line["type"].endswith("Integration.Created.v1") for line in lines)
         assert all({"position", "originatorId", "type", "at", "actorId", "data"} <= set(line) for line in lines)
-        page = [json.loads(line) for line in cli(env, "events", "export", "--after", "2", "--limit", "3").stdout
-                .splitlines()]
+        page = [
+            json.loads(line)
+            for line in cli(env, "events", "export", "--after", "2", "--limit", "3").stdout.splitlines()
+        ]
         assert [line["position"] for line in page] == [p for p in positions if p > 2][:3]
 
         # events history: the integration's own events, each with the acting principal
-        history = [json.loads(line) for line in cli(env, "events", "history", "admin:weather-api").stdout
-                   .splitlines()]
+        history = [json.loads(line) for line in cli(env, "events", "history", "admin:weather-api").stdout.splitlines()]
         assert [h["version"] for h in history] == [1, 2, 3]
         assert [h["type"].rsplit("/", 1)[-1] for h in history] == [
-            "Integration.Created.v1", "Integration.Shared.v1", "Integration.Updated.v1"
+            "Integration.Created.v1",
+            "Integration.Shared.v1",
+            "Integration.Updated.v1",
         ]
         assert {h["actorId"] for h in history} == {"admin"}
         assert API_KEY not in json.dumps(history)
@@ -378,3 +411,12 @@ def test_operator_commands(settings: Settings, tmp_path: Path) -> None:
         assert listed_ids(server.http) == before | {later["id"]}
         secrets_still_open(server.http, weather["id"])
         server.stop()
+
+
+def test_serve_workers_need_postgres_and_external_projections(settings: Settings, tmp_path: Path) -> None:
+    """Inline projections would run once per worker process: several workers are refused unless
+    the read models run in their own process (and the store is PostgreSQL)."""
+    env = env_for(settings, INTEGRATIONS_ADMIN_TOKEN=ADMIN_TOKEN, INTEGRATIONS_MASTER_KEY=TEST_MASTER_KEY)
+    result = cli(env, "serve", "--workers", "2", "--port", str(free_port()), expect=2, timeout=30)
+    assert "needs PostgreSQL and INTEGRATIONS_PROJECTIONS=external" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

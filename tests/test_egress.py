@@ -22,6 +22,7 @@ from infrastructure.egress import (
     EgressConfigError,
     EgressDenied,
     EgressPolicy,
+    GuardedUpstream,
     address_problem,
     guarded_async_client,
     guarded_client,
@@ -133,7 +134,25 @@ def aget(policy: EgressPolicy, url: str, **kw: object) -> httpx.Response:
     return asyncio.run(main())
 
 
-BOTH = pytest.mark.parametrize("fetch", [get, aget], ids=["sync", "async"])
+def upstream_get(policy: EgressPolicy, url: str, **kw: object) -> httpx.Response:
+    """The request proxy's aiohttp client (``GuardedUpstream``) under the same checks."""
+    resolver = kw.pop("resolver", None)
+    kw.pop("follow_redirects", None)  # it never follows them
+
+    async def main() -> httpx.Response:
+        client = GuardedUpstream(policy, httpx.Timeout(5.0), resolver=resolver)  # type: ignore[arg-type]
+        try:
+            response = await client.send("GET", httpx.URL(url), {}, None)
+            body = await response.aread()
+            await response.aclose()
+            return httpx.Response(response.status_code, headers=list(response.headers.items()), content=body)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+BOTH = pytest.mark.parametrize("fetch", [get, aget, upstream_get], ids=["sync", "async", "proxy-aiohttp"])
 NOBODY = EgressPolicy()
 LOOPBACK_ONLY = EgressPolicy(["127.0.0.1"])
 
@@ -306,7 +325,12 @@ def test_odd_literals_never_reach_the_resolver_or_the_server(
             fetch(NOBODY, f"http://{host}:{server.port}/", resolver=resolver)
     assert resolver.calls == [] and server.seen == []
     # "unless allowed": the address it denotes is allow-listed → connect to that checked address
-    assert fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver).text == "direct"
+    if fetch is upstream_get:  # aiohttp refuses non-canonical literals itself, allowed or not: fails closed
+        with pytest.raises(httpx.UnsupportedProtocol):
+            fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver)
+        assert server.seen == []
+    else:
+        assert fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver).text == "direct"
     assert resolver.calls == []
 
 
@@ -515,7 +539,7 @@ def _tls_pair(name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_ctx, client_ctx
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "proxy-aiohttp"])
 def test_tls_verifies_host_name_on_the_pinned_address(mode: str) -> None:
     server_ctx, client_ctx = _tls_pair("egress.test")
     resolver = ScriptedResolver(["127.0.0.1"])
@@ -525,6 +549,19 @@ def test_tls_verifies_host_name_on_the_pinned_address(mode: str) -> None:
         if mode == "sync":
             with guarded_client(policy, timeout=5, resolver=resolver, verify=client_ctx) as client:
                 return client.get(url)
+        if mode == "proxy-aiohttp":
+
+            async def upstream() -> httpx.Response:
+                client = GuardedUpstream(policy, httpx.Timeout(5.0), resolver=resolver, verify=client_ctx)
+                try:
+                    response = await client.send("GET", httpx.URL(url), {}, None)
+                    body = await response.aread()
+                    await response.aclose()
+                    return httpx.Response(response.status_code, content=body)
+                finally:
+                    await client.aclose()
+
+            return asyncio.run(upstream())
 
         async def main() -> httpx.Response:
             async with guarded_async_client(policy, timeout=5, resolver=resolver, verify=client_ctx) as client:

@@ -22,6 +22,7 @@ from api.controllers.connections import ConnectionController, OAuthCallbackContr
 from api.controllers.health import HealthController
 from api.controllers.identity import AuthController, TeamController, UserController
 from api.controllers.integrations import IntegrationController
+from api.controllers.proxy import ProxyController
 from api.controllers.sharing import SharingController
 from api.errors import EXCEPTION_HANDLERS
 from api.guards import check_input
@@ -33,6 +34,7 @@ log = logging.getLogger("integrations.api")
 def create_app(services: Services) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        services.loop = asyncio.get_running_loop()
         await anyio.to_thread.run_sync(services.on_start)
         tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "background")) for job in services.background]
         try:
@@ -43,6 +45,8 @@ def create_app(services: Services) -> Litestar:
             await asyncio.gather(*tasks, return_exceptions=True)
             if services.connections is not None:
                 await services.connections.aclose()
+            if services.upstream is not None:
+                await services.upstream.aclose()
             await anyio.to_thread.run_sync(services.on_stop)
 
     openapi = OpenAPIConfig(
@@ -68,6 +72,7 @@ def create_app(services: Services) -> Litestar:
             SharingController,
             ConnectionController,
             OAuthCallbackController,
+            ProxyController,
             UserController,
             TeamController,
             AuthController,

@@ -34,8 +34,16 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
 class ApiError(HTTPException):
     """An HTTP error with an explicit status, message and optional machine-readable details."""
 
-    def __init__(self, status_code: int, message: str, details: Any = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ):
         super().__init__(detail=message, status_code=status_code, extra=details, headers=headers)
+        self.code = code  # machine-readable, e.g. upstream_timeout
 
 
 def error_body(status: int, message: str, details: Any = None, code: str | None = None) -> dict[str, Any]:
@@ -85,7 +93,7 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response:
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else HTTPStatus(status).phrase
     if status == 413:
         message = "The request body is too large."
-    return _respond(status, message, details, exc.headers)
+    return _respond(status, message, details, exc.headers, getattr(exc, "code", None))
 
 
 def _body_message(detail: str) -> str:

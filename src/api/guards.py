@@ -36,8 +36,8 @@ async def check_input(request: Request[Any, Any, Any]) -> None:
         raise ApiError(400, "The path must not contain NUL characters.")
     if b"%00" in request.scope.get("query_string", b""):
         raise ApiError(400, "Query parameters must not contain NUL characters.")
-    if request.method not in _WITH_BODY:
-        return
+    if request.method not in _WITH_BODY or request.route_handler.opt.get("streamed_body"):
+        return  # the proxy streams its body through untouched: reading it here would buffer it all
     body = await request.body()
     if not body:
         return

@@ -35,6 +35,8 @@ _PUBLIC_SETTINGS = (
     "image_url",
     "headers",
     "tags",
+    "proxy_max_concurrency",
+    "proxy_max_response_bytes",
 )
 _HAS = {
     "client_secret": "hasClientSecret",

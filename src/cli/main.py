@@ -1,6 +1,6 @@
 """``integrations``: the operator's command line.
 
-  integrations serve [--host H] [--port P] [--data-dir DIR]
+  integrations serve [--host H] [--port P] [--data-dir DIR] [--workers N]
   integrations projections run|status|rebuild [NAME] [--drop-old]
   integrations events history ID | export [--after N] [--limit N] | replay
   integrations keys generate | rotate | status
@@ -44,26 +44,64 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def worker_app() -> Any:
+    """The ASGI app of one ``serve --workers N`` worker process (a uvicorn factory): each worker
+    builds its own runtime from the ``INTEGRATIONS_*`` environment the supervisor passed on."""
+    from api.access_log import access_log_middleware
+    from api.app import create_app
+    from cli.runtime import build_runtime
+
+    _configure_logging(os.environ.get("INTEGRATIONS_LOG_LEVEL", "info"))
+    return access_log_middleware(create_app(build_runtime(Settings.from_env()).services))
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """Several worker processes on one socket (uvicorn's supervisor restarts a worker that dies).
+    Each worker keeps its own caches, bulkhead and connection pool; the projections run in their
+    own process (``integrations projections run``), never once per worker."""
+    import uvicorn
+
+    if settings.postgres is None or settings.projections != "external":
+        raise SettingsError(
+            "serve --workers > 1 needs PostgreSQL and INTEGRATIONS_PROJECTIONS=external "
+            "(run `integrations projections run` beside the server)"
+        )
+    if getattr(args, "data_dir", None):
+        os.environ["INTEGRATIONS_DATA_DIR"] = str(args.data_dir)
+    os.environ["INTEGRATIONS_LOG_LEVEL"] = args.log_level
+    log.info("serving on http://%s:%d with %d workers (%s store)", args.host, args.port, args.workers, settings.backend)
+    uvicorn.run("cli.main:worker_app", factory=True, workers=args.workers, **_uvicorn_options(args))
+    return 0
+
+
+def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The same for one process or several: our own access log (no query strings), no uvicorn
+    logging config, a bounded graceful shutdown, and no trust in forwarded headers."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "access_log": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": 10,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from api.access_log import access_log_middleware
     from api.app import create_app
     from cli.runtime import build_runtime
 
     settings = _settings(args)
+    if args.workers > 1:
+        return _serve_workers(args, settings)
     runtime = build_runtime(settings)
     log.info("serving on http://%s:%d (%s store)", args.host, args.port, settings.backend)
     server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(runtime.services),
-            host=args.host,
-            port=args.port,
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=10,
-            proxy_headers=False,
-            server_header=False,
-        )
+        uvicorn.Config(access_log_middleware(create_app(runtime.services)), **_uvicorn_options(args))
     )
 
     def stop(*_: object) -> None:
@@ -152,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_data_dir(sub.add_parser("serve", help="run the HTTP API"))
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("INTEGRATIONS_WORKERS", "1") or 1),
+        help="worker processes (default 1; more needs PostgreSQL and INTEGRATIONS_PROJECTIONS=external)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     proj = with_data_dir(sub.add_parser("projections", help="read-model workers, status and rebuilds"))

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,15 +16,17 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+import httpx
+
 from api.background import run_refresher
-from api.services import ApiConfig, Services
+from api.services import ApiConfig, ProxyConfig, Services
 from commands.connections import ConnectionPolicy, Connections
 from commands.service import IntegrationsApp
 from domain.access import Actor, is_team, team_id_of
 from domain.audit import SYSTEM_ACTOR
 from domain.principals import team_aggregate_id, user_aggregate_id
 from domain.urls import UrlPolicy
-from infrastructure.egress import EgressPolicy
+from infrastructure.egress import EgressDenied, EgressPolicy, GuardedUpstream
 from infrastructure.keyring import load_keyring
 from infrastructure.locks import FileRefreshLocks, PostgresRefreshLocks
 from infrastructure.oauth_provider import HttpOAuthProvider
@@ -51,6 +53,24 @@ class _Current:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._live.get(), name)
+
+
+class _ServingApp(IntegrationsApp):
+    """The server's application: calls ``on_saved`` after every save made in this process (the
+    API's proxy cache is invalidated there, so a change applies to the very next request)."""
+
+    # eventsourcing names a subclass after itself unless told: the name is the INTEGRATIONS_* env
+    # prefix and the table prefix, so without this the server's store fell back to in-memory POPO.
+    name = IntegrationsApp.name
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_saved: list[Callable[[], None]] = []
+
+    def _notify(self, recordings: list[Any]) -> None:
+        super()._notify(recordings)
+        for callback in self.on_saved:
+            callback()
 
 
 class _PollingWaiter:
@@ -188,7 +208,7 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
     env_for = partial(projection_env, settings)
     with _creating_tables(settings):
         vault = open_vault(settings, keyring)
-        app = IntegrationsApp(
+        app = _ServingApp(
             application_env(settings),
             vault=vault,
             hasher=ScryptHasher(),
@@ -224,7 +244,10 @@ def build_runtime(settings: Settings, *, inline_projections: bool | None = None)
         ready_check=runtime.ready_check,
     )
     runtime.services.auth_cache.ttl = settings.auth_cache_seconds
+    runtime.services.proxy_cache.ttl = settings.auth_cache_seconds
+    app.on_saved.append(runtime.services.proxy_cache.invalidate)
     _wire_connections(settings, runtime)
+    _wire_proxy(settings, runtime)
     return runtime
 
 
@@ -253,6 +276,31 @@ def _wire_connections(settings: Settings, runtime: Runtime) -> None:
                 margin=timedelta(seconds=settings.refresher_margin_seconds),
             )
         )
+
+
+def _wire_proxy(settings: Settings, runtime: Runtime) -> None:
+    """The request proxy's upstream client: egress-guarded, no env proxies, no redirects, no
+    cookies, a pool sized for many concurrent calls; the overall deadline is the proxy's own (PX-9).
+    aiohttp rather than httpx's own pool on this path: see ``GuardedUpstream``."""
+
+    # httpx logs every request's full URL at INFO: an API key in the query would land in the log
+    # (PX-10), and a line per proxied call costs on the hot path (performance notes).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    deadline = settings.proxy_deadline_seconds
+    services = runtime.services
+    services.upstream = GuardedUpstream(
+        EgressPolicy.parse(settings.egress_allow),
+        httpx.Timeout(
+            deadline, connect=settings.proxy_connect_timeout_seconds, pool=settings.proxy_connect_timeout_seconds
+        ),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30.0),
+    )
+    services.upstream_refusals = (EgressDenied,)
+    services.proxy = ProxyConfig(
+        deadline_seconds=deadline,
+        max_concurrency=settings.proxy_max_concurrency,
+        max_response_bytes=settings.proxy_max_response_bytes,
+    )
 
 
 # ---------------------------------------------------------------------------------- operator commands

@@ -132,6 +132,7 @@ class Credentials:
     values: Mapping[str, str]  # access_token | api_key | username+password | bearer_token
     connection_id: UUID | None
     generation: int
+    expires_at: datetime | None = None  # the access token's expiry (oauth2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,10 +526,11 @@ class Connections:
             return Written(None, None)
         outcome, keep = "not_supported", None
         token_ref = connection.credentials.get("refresh_token") or connection.credentials.get("access_token")
-        revocation_uri = integration.settings.get("revocation_uri")
+        issued_by = await asyncio.to_thread(self._as_issued, integration, connection)
+        revocation_uri = issued_by.settings.get("revocation_uri")
         if connection.auth_type == "oauth2" and token_ref and revocation_uri:
             hint = "refresh_token" if "refresh_token" in connection.credentials else "access_token"
-            outcome = await self._provider_revoke(integration, cid, hint, token_ref["ref"])
+            outcome = await self._provider_revoke(issued_by, cid, hint, token_ref["ref"])
             if outcome == "pending":
                 keep = {**token_ref, "hint": hint}
 
@@ -545,6 +547,19 @@ class Connections:
         written = await asyncio.to_thread(self.app._run, actor_id, attempt)
         self._forget(cid)
         return written
+
+    def _as_issued(self, integration: Integration, connection: Connection) -> Integration:
+        """The integration as it was configured when ``connection``'s tokens were obtained (its
+        connection epoch). Tokens are revoked at the server that issued them, by the client they
+        were issued to: after a re-point (OA-18) the current settings name another endpoint or
+        client, which must not receive them (and would refuse them: ``invalid_client``)."""
+        if connection.epoch == integration.connection_epoch:
+            return integration
+        for version in range(integration.version - 1, 0, -1):
+            older = self.app.repository.get(integration.id, version=version)
+            if older.connection_epoch == connection.epoch:
+                return older
+        return integration
 
     async def _provider_revoke(self, integration: Integration, cid: UUID, hint: str, ref: str) -> str:
         try:
@@ -571,7 +586,8 @@ class Connections:
         if integration is None or integration.deleted:
             outcome = "abandoned"
         else:
-            outcome = await self._provider_revoke(integration, cid, pending["hint"], pending["ref"])
+            issued_by = await asyncio.to_thread(self._as_issued, integration, connection)
+            outcome = await self._provider_revoke(issued_by, cid, pending["hint"], pending["ref"])
             revoked_at = datetime.fromisoformat(connection.modified_on.isoformat())
             if outcome == "pending" and self.clock() - revoked_at < self.policy.revocation_deadline:
                 return "pending"
@@ -592,13 +608,23 @@ class Connections:
 
     async def invalidate(self, actor_id: str, integration_id: UUID, connection_ids: list[UUID], reason: str) -> None:
         """After a re-point or mode switch: revoke the old connections' tokens (OA-18)."""
+        await self.revoke_all(actor_id, integration_id, connection_ids, reason, only_stale=True)
+
+    async def revoke_all(
+        self, actor_id: str, integration_id: UUID, connection_ids: list[UUID], reason: str, *, only_stale: bool = False
+    ) -> None:
+        """Revoke these connections at the provider and here (integration or user removed).
+        ``only_stale``: just those made under an older connection epoch."""
         integration = await asyncio.to_thread(self.app._get, integration_id, Integration)
         if integration is None:
             return
         for cid in connection_ids:
             connection = await asyncio.to_thread(self._connection, cid)
-            if connection is not None and connection.epoch != integration.connection_epoch:
-                await self._revoke(actor_id, integration, cid, reason)
+            if connection is None or connection.integration_id != integration.id:
+                continue
+            if only_stale and connection.epoch == integration.connection_epoch:
+                continue
+            await self._revoke(actor_id, integration, cid, reason)
 
     # ---------------------------------------------------------------- tokens for use
 
@@ -639,7 +665,8 @@ class Connections:
         elif self._expiring(connection):
             connection = await self._refreshed(integration, connection, force=False)
         token = await asyncio.to_thread(self._access_token, integration, connection)
-        return Credentials("oauth2", {"access_token": token}, connection.id, connection.generation)
+        expires = datetime.fromisoformat(connection.token_expires_at) if connection.token_expires_at else None
+        return Credentials("oauth2", {"access_token": token}, connection.id, connection.generation, expires)
 
     def _open_own(self, integration: Integration, refs: Mapping[str, dict[str, str]]) -> dict[str, str]:
         return {k: self.app.vault.open(integration.id, k, r["ref"]) for k, r in refs.items()}
@@ -664,6 +691,14 @@ class Connections:
         for key in [k for k in self._tokens if k[0] == cid]:
             self._tokens.pop(key, None)
 
+    def fresh_for(self, credentials: Credentials, seconds: float) -> bool:
+        """Whether ``credentials`` stay usable, by this service's clock and refresh margin, for
+        ``seconds`` more: a cache may keep them that long without skipping a due refresh."""
+        if credentials.expires_at is None:
+            return True
+        left = credentials.expires_at - self.clock() - self.policy.refresh_margin
+        return left.total_seconds() > seconds
+
     def _expiring(self, connection: Connection, margin: timedelta | None = None) -> bool:
         if connection.token_expires_at is None:
             return False
@@ -686,20 +721,25 @@ class Connections:
         if margin is not None and not self._expiring(connection, margin):
             return connection
         try:
-            return await self._refreshed(integration, connection, force=margin is None)
+            return await self._refreshed(integration, connection, force=margin is None, margin=margin)
         except (ProviderUnavailable, ReauthorizationNeeded, ProviderRejected, NotConnected):
             return await asyncio.to_thread(self._connection, cid)
 
-    async def _refreshed(self, integration: Integration, connection: Connection, *, force: bool) -> Connection:
+    async def _refreshed(
+        self, integration: Integration, connection: Connection, *, force: bool, margin: timedelta | None = None
+    ) -> Connection:
         """The connection after one refresh (ours, or one a concurrent caller or process made)."""
         task = self._inflight.get(connection.id)
         if task is None:
-            task = asyncio.ensure_future(self._lead_refresh(integration, connection.id, connection.generation, force))
+            lead = self._lead_refresh(integration, connection.id, connection.generation, force, margin)
+            task = asyncio.ensure_future(lead)
             self._inflight[connection.id] = task
             task.add_done_callback(lambda _t, cid=connection.id: self._inflight.pop(cid, None))
         return await asyncio.shield(task)
 
-    async def _lead_refresh(self, integration: Integration, cid: UUID, seen: int, force: bool) -> Connection:
+    async def _lead_refresh(
+        self, integration: Integration, cid: UUID, seen: int, force: bool, margin: timedelta | None = None
+    ) -> Connection:
         async with self.locks.hold(cid, self.policy.lock_timeout) as locked:
             connection = await asyncio.to_thread(self._connection, cid)
             if connection is None or connection.status != CONNECTED:
@@ -707,7 +747,7 @@ class Connections:
             moved = connection.generation != seen
             if moved and not self._expired(connection):
                 return connection  # another request or process refreshed (or reconnected) meanwhile
-            if not moved and not force and not self._expiring(connection):
+            if not moved and not force and not self._expiring(connection, margin):
                 return connection
             if not locked:
                 if not self._expired(connection):
@@ -757,7 +797,28 @@ class Connections:
                 raise ProviderRejected(
                     f"The provider refused the refresh ({e.error}); check the integration."
                 ) from None
-        return await asyncio.to_thread(self._store_refresh, integration, connection, tokens)
+        stored = await asyncio.to_thread(self._store_refresh, integration, connection, tokens)
+        if stored.status != CONNECTED:
+            # Disconnected (or its grant declared dead) while the refresh was in flight: nothing
+            # will use the new tokens, so tell the provider instead of leaving them live (§4.2).
+            await self._revoke_orphaned(integration, connection.id, tokens)
+            if stored.status == REAUTHORIZATION_REQUIRED:
+                raise ReauthorizationNeeded("The connection needs to be authorized again.")
+            raise NotConnected(
+                "Connect this integration first.", {"connectUrl": f"/api/integrations/{integration.id}/connect"}
+            )
+        return stored
+
+    async def _revoke_orphaned(self, integration: Integration, cid: UUID, tokens: TokenSet) -> None:
+        if not integration.settings.get("revocation_uri"):
+            return
+        hint = "refresh_token" if tokens.refresh_token else "access_token"
+        try:
+            client_secret = await asyncio.to_thread(self._client_secret, integration)
+            token = tokens.refresh_token or tokens.access_token
+            await self.oauth.revoke(integration.settings, client_secret, token, hint)
+        except Exception as e:  # best effort: our copies are gone already
+            log.info("revoking the orphaned tokens of connection %s failed: %s", cid, type(e).__name__)
 
     def _cooldown(self, connection: Connection) -> float | None:
         error = connection.last_error

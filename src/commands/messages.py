@@ -60,6 +60,9 @@ class IntegrationBody(msgspec.Struct, **_STRUCT):
     image_url: Url | UnsetType | None = UNSET
     headers: Annotated[dict[str, HeaderValue], Meta(max_length=50)] | UnsetType | None = UNSET
     tags: Annotated[list[Tag], Meta(max_length=50)] | UnsetType | None = UNSET
+    # Request proxy limits for this integration; they can only lower the server's (PX-9).
+    proxy_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] | UnsetType | None = UNSET
+    proxy_max_response_bytes: Annotated[int, Meta(ge=1)] | UnsetType | None = UNSET
 
 
 SECRET_ATTRS = ("client_secret", "api_key", "password", "bearer_token")

@@ -22,7 +22,7 @@ API_KEY_LOCATIONS = ("header", "query")
 SECRET_FIELDS = ("client_secret", "api_key", "password", "bearer_token")
 URL_FIELDS = ("auth_uri", "token_uri", "api_base_uri", "revocation_uri", "issuer")
 # Changing where tokens come from or go to re-points live credentials (security note OA-18).
-REPOINTING_FIELDS = ("auth_uri", "token_uri", "client_id", "api_base_uri", "issuer")
+REPOINTING_FIELDS = ("auth_uri", "token_uri", "client_id", "api_base_uri", "issuer", "revocation_uri")
 UPLOAD_TYPES = frozenset({"google-drive", "googledrive", "onedrive", "sharepoint", "dropbox"})
 
 REQUIRED: Mapping[str, tuple[str, ...]] = {

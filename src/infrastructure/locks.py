@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from uuid import UUID
 import psycopg
 
 _POLL = 0.02
+log = logging.getLogger("integrations.locks")
 
 
 def _advisory_key(key: UUID) -> int:
@@ -36,9 +38,26 @@ class PostgresRefreshLocks:
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
 
+    async def _connect(self, timeout: float) -> psycopg.AsyncConnection | None:
+        """A fresh connection; retried while the server refuses (e.g. too many clients) until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
+            except psycopg.OperationalError as e:
+                if time.monotonic() + delay >= deadline:
+                    log.warning("refresh lock: cannot connect to PostgreSQL: %s", str(e).splitlines()[0][:200])
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     @contextlib.asynccontextmanager
     async def hold(self, key: UUID, timeout: float) -> AsyncIterator[bool]:
-        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        conn = await self._connect(timeout)
+        if conn is None:
+            yield False  # the caller re-reads and uses a still-valid token, or answers 503
+            return
         try:
             await conn.execute(f"SET lock_timeout = {max(int(timeout * 1000), 1)}")
             try:

@@ -69,6 +69,10 @@ class Settings:
     refresh_margin_seconds: float = 60.0  # refresh on use when the token expires within it
     refresher_interval_seconds: float = 30.0  # background refresher period (0: off)
     refresher_margin_seconds: float = 300.0  # the background refresher renews tokens expiring within it
+    proxy_deadline_seconds: float = 30.0  # INTEGRATIONS_PROXY_DEADLINE_SECONDS: a whole proxied call
+    proxy_connect_timeout_seconds: float = 5.0
+    proxy_max_concurrency: int = 64  # in-flight proxied calls per integration and process
+    proxy_max_response_bytes: int = 0  # 0: no cap (an integration may set its own)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -131,5 +135,11 @@ class Settings:
                 "REFRESHER_INTERVAL_SECONDS", cls.refresher_interval_seconds, float, allow_zero=True
             ),
             refresher_margin_seconds=number("REFRESHER_MARGIN_SECONDS", cls.refresher_margin_seconds, float),
+            proxy_deadline_seconds=number("PROXY_DEADLINE_SECONDS", cls.proxy_deadline_seconds, float),
+            proxy_connect_timeout_seconds=number(
+                "PROXY_CONNECT_TIMEOUT_SECONDS", cls.proxy_connect_timeout_seconds, float
+            ),
+            proxy_max_concurrency=number("PROXY_MAX_CONCURRENCY", cls.proxy_max_concurrency),
+            proxy_max_response_bytes=number("PROXY_MAX_RESPONSE_BYTES", cls.proxy_max_response_bytes, allow_zero=True),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

@@ -225,12 +225,12 @@ def test_a_taken_slug_is_409_without_a_read_first_and_leaves_no_sealed_secret(ap
     alice = api.user("alice")
     first = api.integration(alice, slug="dup")
     keys = sum(api.runtime.vault.key_usage().values())
-    r = api.client.post(
-        "/api/integrations", json={"name": "Again", "slug": "dup", "apiKey": "sk-other"}, headers=alice
-    )
+    r = api.client.post("/api/integrations", json={"name": "Again", "slug": "dup", "apiKey": "sk-other"}, headers=alice)
     assert r.status_code == 409
     assert sum(api.runtime.vault.key_usage().values()) == keys  # nothing references it: shredded
-    assert api.client.patch(f"/api/integrations/{first['id']}", json={"slug": "moved"}, headers=alice).status_code == 200
+    assert (
+        api.client.patch(f"/api/integrations/{first['id']}", json={"slug": "moved"}, headers=alice).status_code == 200
+    )
     again = api.integration(alice, slug="dup")  # the released key, claimed again
     assert again["id"] != first["id"]
     assert api.client.get("/api/integrations/alice:dup", headers=alice).json()["id"] == again["id"]

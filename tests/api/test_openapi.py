@@ -33,7 +33,12 @@ FUZZ_GROUPS = {
     "sharing": {"sharing"},
     "users": {"users"},
     "teams-auth-operations": {"teams", "auth", "operations"},
+    "connections": {"connections"},
 }
+# Not fuzzed here: the proxy forwards to the integration's upstream, and its 502/504 answers for an
+# unreachable or slow upstream are by design. tests/proxy covers it, with a hypothesis property
+# test over generated paths and a corpus of attacks against a recording local upstream.
+NOT_FUZZED = {"proxy"}
 # Deleting the seeded resources early would turn the rest of the run into 404s: deletes go last.
 _METHOD_ORDER = {"GET": 0, "POST": 1, "PUT": 2, "PATCH": 3, "DELETE": 4}
 
@@ -92,7 +97,7 @@ def test_openapi_document_is_valid_31_and_lists_every_documented_route(api: Api)
     missing = sorted((readme - schema_routes) - documented)
     assert not missing, f"routes in the README's API table but not in the OpenAPI document: {missing}"
 
-    fuzzed = set().union(*FUZZ_GROUPS.values())
+    fuzzed = set().union(*FUZZ_GROUPS.values(), NOT_FUZZED)
     unfuzzed = [
         f"{method.upper()} {path}"
         for path, item in doc["paths"].items()

@@ -100,3 +100,37 @@ def write_response(
             services.waiter.wait(written.position, services.config.read_your_writes_timeout)
             services.auth_cache.clear()  # an identity change: never authenticate from the old rows
     return Response(content=content, status_code=status, headers=out)
+
+
+def revoke_connections(services: Services, actor: Actor, iid: UUID, reason: str, *, only_stale: bool) -> None:
+    """Revoke an integration's connections at the provider and discard their tokens: all of them
+    (deletion), or those made before a re-point or mode switch (OA-18), unusable already.
+    Called from sync handlers (worker threads)."""
+    if services.connections is None or services.connections_view is None:
+        return
+    _caught_up(services)
+    rows = services.connections_view.for_integration(str(iid))
+    ids = [UUID(str(r["connection_id"])) for r in rows if r.get("status") != "revoked"]
+    if ids:
+        services.run_async(services.connections.revoke_all(actor.id, iid, ids, reason, only_stale=only_stale))
+
+
+def revoke_user_connections(services: Services, actor: Actor, user_id: str) -> None:
+    """A removed user's connections: revoked at the providers, tokens discarded."""
+    if services.connections is None or services.connections_view is None:
+        return
+    _caught_up(services)
+    by_integration: dict[str, list[UUID]] = {}
+    for row in services.connections_view.for_owner(user_id):
+        if row.get("status") != "revoked":
+            by_integration.setdefault(str(row["integration_id"]), []).append(UUID(str(row["connection_id"])))
+    for iid, ids in by_integration.items():
+        services.run_async(services.connections.revoke_all(actor.id, UUID(iid), ids, "user_removed"))
+
+
+def _caught_up(services: Services) -> None:
+    """Wait (bounded) until the read models include every event so far: a connection made a
+    moment ago must be revoked too. Past the bound, the epoch check still makes it unusable."""
+    head = services.app.recorder.max_notification_id()
+    if head:
+        services.waiter.wait(head, services.config.read_your_writes_timeout)

@@ -20,7 +20,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api import render
-from api.controllers.common import consistent_read, resolve_integration, write_response
+from api.controllers.common import WaitFor, consistent_read, resolve_integration, write_response
 from api.errors import ApiError
 from api.services import Services
 from commands.connections import Connections, StartedFlow, hash_value
@@ -163,10 +163,13 @@ class ConnectionController(Controller):
         services: NamedDependency[Services],
         actor: NamedDependency[Actor],
         ident: FromPath[str],
+        wait_for: WaitFor = None,
     ) -> dict[str, Any]:
         iid = await _resolve(services, actor, ident)
         await _in_thread(services.app.integration_for, actor, iid, AccessLevel.MANAGE)
-        await _in_thread(consistent_read, services, actor, None)
+        # Other users' connections come from callbacks and their own requests: the caller's own
+        # writes are not enough, so honour the position the client passes (RL-10).
+        await _in_thread(consistent_read, services, actor, wait_for)
         rows = await _in_thread(services.connections_view.for_integration, str(iid))
         items = [row_doc(r) for r in rows if r.get("status") != "revoked"]
         return {

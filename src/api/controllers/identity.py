@@ -11,7 +11,7 @@ from litestar.params import JSONBody, PathParameter
 
 from api import render
 from api.auth import SESSION_COOKIE
-from api.controllers.common import consistent_read, write_response
+from api.controllers.common import consistent_read, revoke_user_connections, write_response
 from api.errors import ApiError
 from api.services import Services
 from commands.messages import LoginBody, MemberBody, TeamBody, TokenBody, UserBody
@@ -94,7 +94,9 @@ class UserController(Controller):
     def delete_user(
         self, services: NamedDependency[Services], actor: NamedDependency[Actor], user_id: Id
     ) -> Response[None]:
-        return write_response(services, actor, services.app.delete_user(actor, user_id), None, status=204, wait=True)
+        written = services.app.delete_user(actor, user_id)
+        revoke_user_connections(services, actor, user_id)
+        return write_response(services, actor, written, None, status=204, wait=True)
 
     @get("/{user_id:str}/tokens", sync_to_thread=True, summary="A user's API tokens (never their values)")
     def list_tokens(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
-from uuid import UUID
 
-import anyio.from_thread
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -17,12 +15,13 @@ from api.controllers.common import (
     consistent_read,
     parse_if_match,
     resolve_integration,
+    revoke_connections,
     visible_to,
     write_response,
 )
 from api.services import Services
 from commands.messages import IntegrationBody
-from domain.access import Actor
+from domain.access import AccessLevel, Actor
 
 Sort = Literal["name", "-name", "slug", "-slug", "createdAt", "-createdAt", "updatedAt", "-updatedAt"]
 
@@ -50,22 +49,8 @@ def _update(
     epoch = services.app.integration_for(actor, iid).connection_epoch
     written = services.app.update_integration(actor, iid, data, partial=partial, expected_version=expected)
     if written.value.connection_epoch != epoch:
-        _invalidate_connections(services, actor, iid)
+        revoke_connections(services, actor, iid, "integration_changed", only_stale=True)
     return _integration_response(services, actor, written)
-
-
-def _invalidate_connections(services: Services, actor: Actor, iid: UUID) -> None:
-    """Re-pointed or mode switched: revoke and discard the old connections' tokens (OA-18).
-
-    They are unusable already (their epoch is old); this tells the provider and empties the vault.
-    """
-    if services.connections is None or services.connections_view is None:
-        return
-    rows = services.connections_view.for_integration(str(iid))
-    ids = [UUID(str(r["connection_id"])) for r in rows if r.get("status") != "revoked"]
-    if ids:
-        reason = "integration_changed"
-        anyio.from_thread.run(services.connections.invalidate, actor.id, iid, ids, reason)
 
 
 class IntegrationController(Controller):
@@ -155,7 +140,10 @@ class IntegrationController(Controller):
         if_match: IfMatch,
     ) -> Response[None]:
         iid = resolve_integration(services, actor, ident)
-        written = services.app.delete_integration(actor, iid, expected_version=parse_if_match(if_match))
+        expected = parse_if_match(if_match)
+        services.app.integration_for(actor, iid, AccessLevel.MANAGE)  # before telling any provider
+        revoke_connections(services, actor, iid, "integration_deleted", only_stale=False)
+        written = services.app.delete_integration(actor, iid, expected_version=expected)
         return write_response(services, actor, written, None, status=204)
 
     @get("/integrations/{ident:str}/history", sync_to_thread=True, summary="The integration's audit trail")

@@ -1,0 +1,500 @@
+"""The authenticated request proxy: one upstream call with the integration's credentials.
+
+Both ways in (``POST /request`` and ``/proxy/{path}``) end here. The order matters: access
+(404), the target URL (PX-1, 400), the custom headers (PX-8, 400) are all checked before any
+credential is opened or any byte leaves, so a rejected request never reaches the upstream and
+never refreshes a token. Then a slot of the integration's bulkhead, the credentials, the call
+under one overall deadline (PX-9), one forced refresh and replay after a 401 when the body can be
+sent again, and the response streamed back raw (encoded bytes as the upstream sent them), with
+its headers filtered (PX-7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import anyio.to_thread
+import httpx
+from litestar import Response
+from litestar.response import Stream
+
+from api.controllers.common import resolve_integration
+from api.errors import ApiError
+from api.services import Services
+from domain.access import AccessLevel, Actor
+from domain.audit import SYSTEM_ACTOR
+from domain.errors import NotFound, ValidationFailed, field_error
+from domain.integration import Integration
+from domain.paths import Base, PathRejected, confine, within
+from domain.settings import HEADER_NAME
+from domain.templates import TemplateError, parse_template, template_values
+
+log = logging.getLogger("integrations.proxy")
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+SMALL_BODY_BYTES = 64 * 1024  # a response body up to this size (declared by Content-Length) is sent in one piece
+MAX_HEADER_VALUE = 4096
+
+# Never forwarded from the caller (PX-6). ``Connection`` also removes what it names.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = _HOP_BY_HOP | {
+    "host",
+    "content-length",  # recomputed (or taken from the body we actually send)
+    "cookie",
+    "authorization",  # the caller's token for *this* service
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "via",
+    "expect",
+    "x-wait-for-position",
+}
+# Never returned to the caller (PX-7): hop-by-hop, cookies for our origin, anything that would
+# widen what other origins or the browser may do with this origin.
+_RESPONSE_DROP = _HOP_BY_HOP | {
+    "set-cookie",
+    "set-cookie2",
+    "alt-svc",
+    "clear-site-data",
+    "refresh",
+    "content-security-policy",
+    "content-security-policy-report-only",
+    "x-content-type-options",
+    "date",
+    "server",
+}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+}
+
+
+class Body:
+    """The outbound body: bytes (replayable), a one-shot stream, or nothing."""
+
+    def __init__(self, content: bytes | AsyncIterator[bytes] | None, length: int | None = None) -> None:
+        self.content = content
+        self.length = length
+
+    @property
+    def replayable(self) -> bool:
+        return not isinstance(self.content, AsyncIterator)
+
+
+@dataclass
+class Call:
+    """One proxied call as the controller hands it over."""
+
+    ident: str
+    method: str
+    relative: str  # path (+ optional ?query) relative to apiBaseUri
+    params: Mapping[str, Any] | None
+    headers: Iterable[tuple[str, str]]  # the caller's headers (filtered here)
+    body: Body
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def request_headers(raw: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The caller's headers that may go upstream (PX-6)."""
+    items = list(raw)
+    named = {
+        token.strip().lower()
+        for name, value in items
+        if name.lower() == "connection"
+        for token in value.split(",")
+        if token.strip()
+    }
+    out = []
+    for name, value in items:
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in named or lower.startswith(("x-forwarded-", "proxy-")):
+            continue
+        out.append((name, value))
+    return out
+
+
+def response_headers(headers: Any) -> dict[str, str]:
+    """The upstream's headers that may come back (PX-7), repeated ones joined, plus ours.
+    ``headers``: a case-insensitive multi-map (``get``; ``items()`` yields every pair)."""
+    named = {t.strip().lower() for t in (headers.get("connection") or "").split(",") if t.strip()}
+    out: dict[str, str] = {}
+    items = headers.multi_items() if isinstance(headers, httpx.Headers) else headers.items()
+    for name, value in items:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in named or lower.startswith("access-control-"):
+            continue
+        out[lower] = f"{out[lower]}, {value}" if lower in out else value
+    out.update(SECURITY_HEADERS)
+    return out
+
+
+def check_caller_header(name: str, value: str) -> None:
+    if not HEADER_NAME.fullmatch(name):
+        raise ValidationFailed("A request header name is not valid.", [field_error(f"headers.{name[:64]}", "invalid")])
+    if len(value) > MAX_HEADER_VALUE or any(
+        (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F or ord(c) > 0xFF for c in value
+    ):
+        raise ValidationFailed(
+            "A request header value holds control characters or is too long.",
+            [field_error(f"headers.{name}", "invalid value")],
+        )
+
+
+def expand_headers(actor: Actor, integration: Integration, tenant_id: str) -> dict[str, str]:
+    """The integration's custom headers for this caller (PX-8); 400 when a value is unsafe."""
+    templates: Mapping[str, str] = integration.settings.get("headers") or {}
+    if not templates:
+        return {}
+    values = template_values(
+        user={
+            "id": actor.id,
+            "username": actor.username,
+            "email": actor.email,
+            "displayName": actor.display_name,
+            "custom": actor.custom,
+        },
+        tenant_id=tenant_id,
+        integration_id=str(integration.id),
+        integration_slug=integration.slug,
+    )
+    out = {}
+    for name, text in templates.items():
+        try:
+            value = parse_template(text).expand(values)
+        except TemplateError as e:
+            raise ValidationFailed(
+                f"The custom header '{name}' cannot be sent for this caller: {e}.",
+                [field_error(f"headers.{name}", "unsafe value")],
+            ) from None
+        if len(value) > MAX_HEADER_VALUE or not value.isascii():
+            raise ValidationFailed(
+                f"The custom header '{name}' cannot be sent for this caller: the value is too long or not ASCII.",
+                [field_error(f"headers.{name}", "unsafe value")],
+            )
+        out[name] = value
+    return out
+
+
+def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -> httpx.URL:
+    """The upstream URL, confined under ``base_uri`` and re-checked as httpx parsed it (PX-1)."""
+    base = _base(base_uri)
+    path, query = confine(base, relative)
+    url = httpx.URL(f"{base.scheme}://{base.netloc}{path}" + ("?" + query if query else ""))
+    if params:
+        url = url.copy_merge_params(_params(params))
+    if url.userinfo or url.fragment or not within(base, url.scheme, url.netloc.decode("ascii"), url.path):
+        raise PathRejected("the URL leaves the integration's base URL")
+    return url
+
+
+@functools.lru_cache(maxsize=1024)
+def _base(base_uri: str) -> Base:
+    """``Base.parse`` once per distinct ``apiBaseUri`` (a pure function of the text)."""
+    return Base.parse(base_uri)
+
+
+def _params(params: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if isinstance(value, list):
+            value = [("true" if v else "false") if isinstance(v, bool) else v for v in value if v is not None]
+        out[key] = value
+    return out
+
+
+def inject(
+    auth_type: str, values: Mapping[str, str], settings: Mapping[str, Any], headers: dict[str, str], url: httpx.URL
+) -> httpx.URL:
+    """Put the credentials where the auth type says; they win over anything of the same name."""
+    if auth_type == "oauth2":
+        _set(headers, "Authorization", f"Bearer {values['access_token']}")
+    elif auth_type == "bearer":
+        _set(headers, "Authorization", f"Bearer {values['bearer_token']}")
+    elif auth_type == "basic":
+        pair = f"{values.get('username', '')}:{values.get('password', '')}".encode()
+        _set(headers, "Authorization", "Basic " + base64.b64encode(pair).decode("ascii"))
+    elif auth_type == "apikey":
+        name = str(settings.get("api_key_name") or "X-API-Key")
+        if settings.get("api_key_location", "header") == "query":
+            url = url.copy_set_param(name, values["api_key"])
+        else:
+            _set(headers, name, values["api_key"])
+    return url
+
+
+def _set(headers: dict[str, str], name: str, value: str) -> None:
+    for key in [k for k in headers if k.lower() == name.lower()]:
+        del headers[key]
+    headers[name] = value
+
+
+def _int_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
+    value = settings.get(key)
+    if isinstance(value, int) and value > 0:
+        return min(value, default) if default > 0 else value
+    return default
+
+
+# ------------------------------------------------------------------------------------------------
+# The call
+# ------------------------------------------------------------------------------------------------
+
+
+async def forward(services: Services, actor: Actor, call: Call) -> Response[bytes] | Stream:
+    if services.upstream is None:
+        raise ApiError(503, "The request proxy is not configured on this server.")
+    method = call.method.upper()
+    if method not in METHODS:
+        raise ValidationFailed(f"Method {call.method[:16]!r} is not allowed.", [field_error("method", "not allowed")])
+    integration = await _integration(services, actor, call.ident)
+    settings = integration.settings
+    base_uri = settings.get("api_base_uri")
+    if not base_uri:
+        raise ValidationFailed("This integration has no apiBaseUri to send requests to.")
+    url = target_url(str(base_uri), call.relative, call.params)
+    headers = dict(request_headers(call.headers))
+    for name, value in expand_headers(actor, integration, services.config.tenant_id).items():
+        _set(headers, name, value)
+    if not any(k.lower() == "accept-encoding" for k in headers):
+        headers["Accept-Encoding"] = "identity"  # the body goes back raw: never an encoding the caller did not ask for
+    auth_type = str(settings.get("auth_type") or "none")
+    config = services.proxy
+    cap = _int_setting(settings, "proxy_max_concurrency", config.max_concurrency)
+    size_cap = _int_setting(settings, "proxy_max_response_bytes", config.max_response_bytes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.deadline_seconds
+    bulkhead = services.bulkhead
+    if not bulkhead.enter(integration.id, cap):
+        raise ApiError(
+            503,
+            "Too many concurrent requests to this integration; retry shortly.",
+            headers={"Retry-After": "1"},
+            code="proxy_busy",
+        )
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            bulkhead.leave(integration.id)
+
+    try:
+        response = await _send_with_credentials(
+            services, actor, integration, auth_type, method, url, headers, call.body, deadline
+        )
+        out_headers = response_headers(response.headers)
+        length = response.headers.get("content-length")
+        if size_cap and length and length.isdigit() and int(length) > size_cap:
+            await response.aclose()
+            raise ApiError(
+                502, "The upstream response is larger than this integration allows.", code="upstream_too_large"
+            )
+        if (
+            length is not None
+            and length.isdigit()
+            and int(length) <= SMALL_BODY_BYTES
+            and method != "HEAD"
+            and response.status_code >= 200
+            and response.status_code not in (204, 304)
+        ):
+            # A small body with a declared length (most API answers) is read here and sent in one
+            # piece: no streaming task per response, and a failure while reading is still a clean
+            # 502/504 rather than a cut stream. Memory stays bounded by SMALL_BODY_BYTES.
+            try:
+                content = await _read_small(response, deadline)
+            finally:
+                release()
+                await response.aclose()
+            out_headers.pop("content-length", None)  # set from the body
+            return Response(
+                content,
+                status_code=response.status_code,
+                headers=out_headers,
+                media_type=response.headers.get("content-type") or "application/octet-stream",
+            )
+    except BaseException:
+        release()
+        raise
+    return Stream(
+        _relay(response, deadline, size_cap, release),
+        status_code=response.status_code,
+        headers=out_headers,
+        media_type=response.headers.get("content-type") or "application/octet-stream",
+    )
+
+
+# The loader reads an integration whatever its shares say; the caller's own access is checked on
+# the (possibly cached) aggregate for every request, as ``IntegrationsApp.integration_for`` does.
+_LOADER = Actor(id=SYSTEM_ACTOR, superuser=True)
+
+
+async def _integration(services: Services, actor: Actor, ident: str) -> Integration:
+    """The integration the caller may use (level 1), else 404 (PX-11). A UUID needs no store read
+    to resolve; the aggregate comes from the proxy cache when it is fresh."""
+    try:
+        iid = UUID(ident)
+    except ValueError:
+        iid = await anyio.to_thread.run_sync(resolve_integration, services, actor, ident)
+    integration: Integration = await services.proxy_cache.fetch(
+        ("integration", iid), lambda: anyio.to_thread.run_sync(services.app.integration_for, _LOADER, iid)
+    )
+    if integration.level_for(actor) < AccessLevel.USE:
+        raise NotFound("Integration not found.")
+    return integration
+
+
+async def _credentials(services: Services, actor: Actor, integration: Integration, refresh_from: int | None) -> Any:
+    """The credentials to inject, from the proxy cache when fresh. A forced refresh (after an
+    upstream 401) always goes to the connection service and replaces the cached entry."""
+    cache = services.proxy_cache
+    owner = services.connections.connection_owner(actor, integration)
+    key = ("credentials", integration.id, integration.version, owner)
+    if refresh_from is None:
+        creds = await cache.fetch(key, lambda: services.connections.credentials(actor, integration))
+        if services.connections.fresh_for(creds, 0):
+            return creds
+        # Due for a refresh (or will be within the cache's lifetime): ask the service, which
+        # refreshes single-flight, and keep its answer only if it outlives the cache entry.
+        generation = cache.generation
+        creds = await services.connections.credentials(actor, integration)
+        if services.connections.fresh_for(creds, cache.ttl):
+            cache.put(key, creds, generation)
+        return creds
+    generation = cache.generation
+    creds = await services.connections.credentials(actor, integration, force_refresh_from=refresh_from)
+    cache.put(key, creds, generation)
+    return creds
+
+
+async def _send_with_credentials(
+    services: Services,
+    actor: Actor,
+    integration: Integration,
+    auth_type: str,
+    method: str,
+    url: httpx.URL,
+    headers: dict[str, str],
+    body: Body,
+    deadline: float,
+) -> Any:
+    creds = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            if auth_type != "none":
+                creds = await _credentials(services, actor, integration, None)
+            response = await _send(services, method, url, headers, body, creds, integration)
+            if (
+                response.status_code == 401
+                and creds is not None
+                and creds.auth_type == "oauth2"
+                and creds.connection_id is not None
+                and body.replayable
+            ):
+                await response.aclose()
+                creds = await _credentials(services, actor, integration, creds.generation)
+                response = await _send(services, method, url, headers, body, creds, integration)
+            return response
+    except TimeoutError:
+        raise ApiError(504, "The upstream did not answer in time.", code="upstream_timeout") from None
+
+
+async def _send(
+    services: Services,
+    method: str,
+    url: httpx.URL,
+    headers: dict[str, str],
+    body: Body,
+    creds: Any,
+    integration: Integration,
+) -> Any:
+    """One upstream call through ``services.upstream`` (``send(method, url, headers, content)``:
+    the guarded aiohttp client, whose errors arrive as httpx exceptions)."""
+    out = dict(headers)
+    if creds is not None:
+        url = inject(creds.auth_type, creds.values, integration.settings, out, url)
+    if body.content is not None and body.length is not None:
+        out["Content-Length"] = str(body.length)
+    try:
+        return await services.upstream.send(method, url, out, body.content)
+    except httpx.TimeoutException as e:
+        if isinstance(e, httpx.ConnectTimeout | httpx.PoolTimeout):
+            raise ApiError(502, "The upstream could not be reached.", code="upstream_unreachable") from None
+        raise TimeoutError from None
+    except httpx.TransportError as e:
+        log.info("upstream %s failed for integration %s: %s", method, integration.id, type(e).__name__)
+        raise ApiError(502, "The upstream could not be reached.", code="upstream_unreachable") from None
+    except services.upstream_refusals:
+        raise ApiError(502, "The upstream address is not allowed by the egress policy.", code="egress_denied") from None
+
+
+async def _read_small(response: Any, deadline: float) -> bytes:
+    """A small body (its length declared and under ``SMALL_BODY_BYTES``) read whole, under the
+    overall deadline: 504 past it, 502 when the upstream fails while sending it."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return bytes(await response.aread())
+    except TimeoutError:
+        raise ApiError(504, "The upstream did not answer in time.", code="upstream_timeout") from None
+    except httpx.TransportError as e:
+        log.info("upstream body failed: %s", type(e).__name__)
+        raise ApiError(502, "The upstream could not be reached.", code="upstream_unreachable") from None
+
+
+async def _relay(response: Any, deadline: float, size_cap: int, release: Any) -> AsyncIterator[bytes]:
+    """The body as the upstream sent it, under the same deadline and size cap. Past the headers
+    an error can only cut the stream: it raises, so the caller sees a broken response, never a
+    silently truncated one."""
+    sent = 0
+    chunks = response.aiter_raw()
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UpstreamAborted("deadline exceeded while streaming the upstream body") from None
+            except httpx.TransportError as e:
+                raise UpstreamAborted(f"upstream failed while streaming: {type(e).__name__}") from None
+            sent += len(chunk)
+            if size_cap and sent > size_cap:
+                raise UpstreamAborted("the upstream body exceeded the size cap")
+            yield chunk
+    finally:
+        release()
+        await response.aclose()
+
+
+class UpstreamAborted(Exception):
+    """The upstream body could not be relayed to the end (deadline, size cap, network)."""
