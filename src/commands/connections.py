@@ -262,8 +262,16 @@ class Connections:
 
     # ---------------------------------------------------------------- connect: callback
 
-    async def callback(self, params: Mapping[str, str], binding: str | None) -> CallbackOutcome:
-        """The provider sent the browser back. Checks first, one token request at most."""
+    async def callback(
+        self,
+        params: Mapping[str, str],
+        binding: str | None,
+        actor_of: Callable[[str], Actor | None] | None = None,
+    ) -> CallbackOutcome:
+        """The provider sent the browser back. Checks first, one token request at most.
+
+        ``actor_of(user_id)`` gives the initiating user as they are now (None: removed): their
+        access is checked again, since it may have been taken away during the flow."""
         state = params.get("state")
         if not state or len(state) > 512:
             raise CallbackRejected("unknown")
@@ -289,11 +297,16 @@ class Connections:
             verifier = await asyncio.to_thread(self.app.vault.open, pid, "pkce_verifier", pending.verifier["ref"])
         finally:
             await asyncio.to_thread(self.app.vault.shred, pid)  # single use: the verifier goes now
-        outcome = await self._complete(pending, params, verifier)
-        return outcome
+        actor = None
+        if actor_of is not None:
+            actor = await asyncio.to_thread(actor_of, pending.user_id)
+            if actor is None:
+                await asyncio.to_thread(self._finish, pending, "access_denied")
+                return CallbackOutcome(False, "access_denied", pending.integration_id, pending.return_to)
+        return await self._complete(pending, params, verifier, actor)
 
     async def _complete(
-        self, pending: PendingAuthorization, params: Mapping[str, str], verifier: str
+        self, pending: PendingAuthorization, params: Mapping[str, str], verifier: str, actor: Actor | None = None
     ) -> CallbackOutcome:
         def done(error: str | None, position: int | None = None) -> CallbackOutcome:
             return CallbackOutcome(error is None, error, pending.integration_id, pending.return_to, position)
@@ -315,6 +328,10 @@ class Connections:
             return await fail("integration_deleted")
         if integration.connection_epoch != pending.epoch:
             return await fail("integration_changed")  # re-pointed since: the code is for the old server
+        if actor is not None:
+            need = AccessLevel.MANAGE if pending.connection_owner == SHARED_OWNER else AccessLevel.USE
+            if integration.level_for(actor) < need:
+                return await fail("access_denied")  # access taken away (or lowered) during the flow
         try:
             client_secret = await asyncio.to_thread(self._client_secret, integration)
             tokens = await self.oauth.exchange_code(

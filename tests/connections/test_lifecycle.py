@@ -74,3 +74,37 @@ def test_background_refresher_renews_tokens_nearing_expiry_once(api: Api, oauth_
     assert token_requests(server, "refresh_token") == before
     r = api.client.get(f"/api/integrations/{integration['id']}/connection", headers=alice)
     assert r.json()["status"] == "connected" and r.json()["lastRefreshedAt"]
+
+
+def test_callback_rechecks_access_taken_away_during_the_flow(api: Api, oauth_server: OAuthServer) -> None:
+    """A manager starts connecting the shared connection, is demoted before coming back: refused,
+    no token request, nothing connected. A user removed meanwhile is refused the same way."""
+    from tests.connections.support import authorize, callback, query, token_requests
+
+    alice, bob, carol = api.user("alice"), api.user("bob"), api.user("carol")
+    iid = oauth_integration(api, alice, oauth_server, mode="shared")["id"]
+    r = api.client.put(f"/api/integrations/{iid}/shares/bob", json={"accessLevel": 3}, headers=alice)
+    assert r.status_code == 200, r.text
+    with oauth_server.browser() as browser:
+        params = authorize(api, bob, iid, browser)
+    r = api.client.put(f"/api/integrations/{iid}/shares/bob", json={"accessLevel": 1}, headers=alice)
+    assert r.status_code == 200, r.text
+    api.runtime.services.waiter.wait(api.client.position, 5)
+    oauth_server.reset_stats()
+    r = callback(api, params)
+    assert r.status_code == 303, r.text
+    assert query(r.headers["location"]) == {"status": "error", "error": "access_denied", "integration": iid}
+    assert token_requests(oauth_server) == 0
+    assert api.client.get(f"/api/integrations/{iid}/connection", headers=bob).status_code == 404
+
+    # carol (level 3) starts, then is removed before the callback.
+    api.client.put(f"/api/integrations/{iid}/shares/carol", json={"accessLevel": 3}, headers=alice)
+    with oauth_server.browser() as browser:
+        params = authorize(api, carol, iid, browser)
+    assert api.client.delete("/api/users/carol", headers=api.admin).status_code == 204
+    r = callback(api, params)
+    assert r.status_code == 303 and query(r.headers["location"])["error"] == "access_denied"
+    assert token_requests(oauth_server) == 0
+
+    # And alice, the owner, still connects it.
+    assert connected(api, alice, iid, oauth_server)

@@ -10,6 +10,7 @@ the address bar.
 from __future__ import annotations
 
 import html
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -20,6 +21,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api import render
+from api.auth import actor_from_row
 from api.controllers.common import WaitFor, consistent_read, resolve_integration, write_response
 from api.errors import ApiError
 from api.services import Services
@@ -192,7 +194,7 @@ class OAuthCallbackController(Controller):
         name = binding_cookie_name(str(pending_authorization_id(hash_value(state))), secure) if state else None
         binding = request.cookies.get(name) if name else None
         try:
-            outcome = await connections.callback(params, binding)
+            outcome = await connections.callback(params, binding, partial(_current_actor, services))
         except CallbackRejected as e:
             raise ApiError(400, e.message, headers=FLOW_HEADERS) from None
         cleared = [Cookie(key=name, value="", max_age=0, path="/", secure=secure, httponly=True, samesite="lax")]
@@ -233,6 +235,12 @@ class OAuthCallbackController(Controller):
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+
+def _current_actor(services: Services, user_id: str) -> Actor | None:
+    """The user who started a flow, as they are now (the principals read model); None if removed."""
+    row = services.principals.user(user_id)
+    return actor_from_row(row) if row else None
 
 
 async def _resolve(services: Services, actor: Actor, ident: str) -> Any:
