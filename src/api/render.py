@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from domain.integration import Integration
-from domain.settings import SECRET_FIELDS, UPLOAD_TYPES
+from domain.settings import SECRET_FIELDS, UPLOAD_TYPES, camel
 
 _PUBLIC_SETTINGS = (
     "name",
@@ -44,11 +44,6 @@ _HAS = {
     "password": "hasPassword",
     "bearer_token": "hasBearerToken",
 }
-
-
-def camel(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join(p.title() for p in rest)
 
 
 _PUBLIC_NAMES = tuple((key, camel(key)) for key in _PUBLIC_SETTINGS)

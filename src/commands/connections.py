@@ -25,7 +25,6 @@ in a loop (§4.1).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets as pysecrets
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 
 from commands.ports import OAuthProvider, RefreshLocks
-from commands.service import IntegrationsApp, Written
+from commands.service import IntegrationsApp, Written, token_hash
 from domain.access import AccessLevel, Actor
 from domain.audit import SYSTEM_ACTOR, acting_as
 from domain.authorization import CallbackRejected, PendingAuthorization, pending_authorization_id
@@ -57,10 +56,6 @@ CREDENTIAL_FIELDS = {"apikey": ("api_key",), "basic": ("username", "password"), 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def hash_value(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ class Connections:
         return_to = self._check_return_to(return_to)
         request = self.oauth.authorization_request(integration.settings, self.policy.redirect_uri)
         binding = pysecrets.token_urlsafe(32)
-        state_hash = hash_value(request.state)
+        state_hash = token_hash(request.state)
         pid = pending_authorization_id(state_hash)
         verifier = self.app.vault.seal(pid, "pkce_verifier", request.verifier)
 
@@ -222,7 +217,7 @@ class Connections:
                 integration_id=integration.id,
                 user_id=actor.id,
                 connection_owner=self.connection_owner(actor, integration),
-                binding_hash=hash_value(binding),
+                binding_hash=token_hash(binding),
                 verifier=dict(verifier),
                 issuer=integration.settings.get("issuer"),
                 redirect_uri=self.policy.redirect_uri,
@@ -275,11 +270,11 @@ class Connections:
         state = params.get("state")
         if not state or len(state) > 512:
             raise CallbackRejected("unknown")
-        pid = pending_authorization_id(hash_value(state))
+        pid = pending_authorization_id(token_hash(state))
         pending = await asyncio.to_thread(self.app._get, pid, PendingAuthorization)
         if pending is None:
             raise CallbackRejected("unknown")
-        binding_hash = hash_value(binding) if binding else None
+        binding_hash = token_hash(binding) if binding else None
 
         def consume() -> PendingAuthorization:
             fresh = self.app._get(pid, PendingAuthorization)

@@ -18,6 +18,10 @@ SecretRefs = dict[str, dict[str, str]]  # field -> {"ref", "fingerprint"}
 class Integration(AuditedAggregate):
     TOPIC = "integrations/Integration"
 
+    # Class defaults, so snapshots taken before these attributes existed still load.
+    connection_epoch = 0  # moves when tokens must not be used any more (see __init__)
+    epoch_moved_at = 0  # the version whose event last moved it
+
     class Created(AuditedAggregate.Created):
         TOPIC = "integrations/Integration.Created.v1"
         owner_id: str
@@ -45,7 +49,7 @@ class Integration(AuditedAggregate):
             for key in self.secrets_cleared:
                 aggregate.secrets.pop(key, None)
             if self.repointed:
-                aggregate.connection_epoch += 1
+                aggregate.move_connection_epoch(self.originator_version)
 
     class ModeChanged(AuditedAggregate.Event):
         """Per-user <-> shared: the connections made under the old mode stop being used.
@@ -59,7 +63,7 @@ class Integration(AuditedAggregate):
         mode: str
 
         def apply(self, aggregate: Integration) -> None:
-            aggregate.connection_epoch += 1
+            aggregate.move_connection_epoch(self.originator_version)
 
     class Shared(AuditedAggregate.Event):
         TOPIC = "integrations/Integration.Shared.v1"
@@ -115,9 +119,8 @@ class Integration(AuditedAggregate):
         self.secrets = dict(secrets)
         self.shares: dict[str, dict[str, Any]] = {}
         self.deleted = False
-        # Moves when tokens must not be used any more: re-pointing (OA-18) or a mode switch.
-        # A connection established under an older epoch needs reauthorization.
-        self.connection_epoch = 0
+        # connection_epoch moves when tokens must not be used any more: re-pointing (OA-18) or a
+        # mode switch. A connection established under an older epoch needs reauthorization.
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -168,6 +171,15 @@ class Integration(AuditedAggregate):
         if mode != previous_mode:
             self.trigger_event(self.ModeChanged, previous_mode=previous_mode, mode=mode)
         return True
+
+    def move_connection_epoch(self, version: int) -> None:
+        self.connection_epoch += 1
+        self.epoch_moved_at = version
+
+    @property
+    def epoch_moved_by_last_write(self) -> bool:
+        """Whether the newest event re-pointed the integration or switched its mode."""
+        return self.epoch_moved_at == self.version
 
     @property
     def shared_mode(self) -> bool:

@@ -8,7 +8,7 @@ from http.cookies import SimpleCookie
 
 import pytest
 
-from commands.connections import hash_value
+from commands.service import token_hash
 from domain.authorization import pending_authorization_id
 from tests.api.conftest import Api
 from tests.connections.conftest import SCOPE, oauth_integration
@@ -130,7 +130,7 @@ def test_connect_redirect_cookie_and_authorization_url(api: Api, oauth_server: O
     state = q["state"]
     assert len(base64.urlsafe_b64decode(state + "=" * (-len(state) % 4))) >= 16  # >= 128 bits
     # the cookie is named after the pending authorization that the state's hash identifies
-    pid = pending_authorization_id(hash_value(state))
+    pid = pending_authorization_id(token_hash(state))
     assert pid.hex[:16] in name
 
     # the stored record holds hashes and a vault reference, never the state or the verifier

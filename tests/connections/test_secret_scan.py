@@ -17,7 +17,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 import httpx
 import pytest
 
-from commands.connections import hash_value
+from commands.service import token_hash
 from domain.authorization import pending_authorization_id
 from domain.oauth import TokenSet
 from tests.api.conftest import Api
@@ -96,7 +96,7 @@ def test_no_oauth_secret_in_store_logs_or_responses(
     r = start(api, alice, iid)
     assert r.status_code == 302
     state = query(r.headers["location"])["state"]
-    pid = pending_authorization_id(hash_value(state))
+    pid = pending_authorization_id(token_hash(state))
     pending = api.runtime.app.repository.get(pid)
     secrets_seen["state"] = state
     secrets_seen["pkce verifier"] = api.runtime.app.vault.open(pid, "pkce_verifier", pending.verifier["ref"])
@@ -199,4 +199,4 @@ def test_no_oauth_secret_in_store_logs_or_responses(
                 assert variant.encode() not in blob, f"{name} found in {where}"
     # positive control: what may be stored is found by the same scan (the state's hash, in the
     # pending authorization's event), so the absence above means something
-    assert hash_value(state).encode() in stored
+    assert token_hash(state).encode() in stored

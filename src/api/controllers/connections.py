@@ -25,8 +25,9 @@ from api.auth import actor_from_row
 from api.controllers.common import WaitFor, consistent_read, resolve_integration, write_response
 from api.errors import ApiError
 from api.services import Services
-from commands.connections import Connections, StartedFlow, hash_value
+from commands.connections import Connections, StartedFlow
 from commands.messages import ConnectBody, given
+from commands.service import token_hash
 from domain.access import AccessLevel, Actor
 from domain.authorization import CallbackRejected, pending_authorization_id
 from domain.connection import Connection
@@ -191,7 +192,7 @@ class OAuthCallbackController(Controller):
         params = {k: v for k, v in request.query_params.items() if isinstance(v, str)}
         secure = services.config.secure_cookies
         state = params.get("state") or ""
-        name = binding_cookie_name(str(pending_authorization_id(hash_value(state))), secure) if state else None
+        name = binding_cookie_name(str(pending_authorization_id(token_hash(state))), secure) if state else None
         binding = request.cookies.get(name) if name else None
         try:
             outcome = await connections.callback(params, binding, partial(_current_actor, services))

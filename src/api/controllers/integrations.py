@@ -46,9 +46,8 @@ def _update(
 ) -> Response[Any]:
     iid = resolve_integration(services, actor, ident)
     expected = parse_if_match(if_match)
-    epoch = services.app.integration_for(actor, iid).connection_epoch
     written = services.app.update_integration(actor, iid, data, partial=partial, expected_version=expected)
-    if written.value.connection_epoch != epoch:
+    if written.position is not None and written.value.epoch_moved_by_last_write:
         revoke_connections(services, actor, iid, "integration_changed", only_stale=True)
     return _integration_response(services, actor, written)
 
