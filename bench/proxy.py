@@ -255,7 +255,15 @@ def server(args: argparse.Namespace, workdir: Path, store_env: dict[str, str]) -
     )
     exe = ROOT / ".venv" / "bin" / "integrations"
     integrations = str(exe) if exe.exists() else "integrations"
-    cmd = [integrations, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        integrations,
+        *(["--log-level", os.environ["BENCH_LOG_LEVEL"]] if os.environ.get("BENCH_LOG_LEVEL") else []),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with contextlib.ExitStack() as stack:
         if args.workers > 1:  # the read models then run in their own process, as in production
             cmd += ["--workers", str(args.workers)]

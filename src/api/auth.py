@@ -39,7 +39,11 @@ def actor_from_row(row: dict[str, Any]) -> Actor:
 
 def presented_token(connection: ASGIConnection) -> tuple[str | None, bool]:
     """(token, from_cookie)."""
-    header = connection.headers.get("authorization")
+    header = None
+    for name, value in connection.scope["headers"]:  # raw: no header map built for this one lookup
+        if name == b"authorization" or (len(name) == 13 and name.lower() == b"authorization"):
+            header = value.decode("latin-1")
+            break
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -49,9 +53,9 @@ def presented_token(connection: ASGIConnection) -> tuple[str | None, bool]:
     return (cookie, True) if cookie else (None, False)
 
 
-def _expired(row: dict[str, Any]) -> bool:
+def _expiry(row: dict[str, Any]) -> datetime | None:
     expires = row.get("token_expires_at")
-    return bool(expires) and datetime.fromisoformat(expires) <= datetime.now(UTC)
+    return datetime.fromisoformat(expires) if expires else None
 
 
 class TokenAuthentication(AbstractAuthenticationMiddleware):
@@ -61,16 +65,18 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
         if not token or len(token) > 512:
             raise NotAuthorizedException("Authentication required: send a Bearer API token or log in.")
         hashed = token_hash(token)
-        row = services.auth_cache.get(hashed)
-        if row is None:
+        # The cache keeps the caller as the rules see it (an immutable Actor) and the token's expiry.
+        entry: tuple[Actor, datetime | None] | None = services.auth_cache.get(hashed)
+        if entry is None:
             row = await anyio.to_thread.run_sync(services.principals.user_by_token_hash, hashed)
             if row is not None:
-                services.auth_cache.put(hashed, row)
-        if row is None or _expired(row):
+                entry = (actor_from_row(row), _expiry(row))
+                services.auth_cache.put(hashed, entry)
+        if entry is None or (entry[1] is not None and entry[1] <= datetime.now(UTC)):
             raise NotAuthorizedException("The token is not valid (unknown, revoked or expired).")
         if from_cookie and connection.scope.get("method") in _UNSAFE:
             _check_same_origin(connection, services.config.public_url)
-        return AuthenticationResult(user=actor_from_row(row), auth={"token_hash": hashed, "cookie": from_cookie})
+        return AuthenticationResult(user=entry[0], auth={"token_hash": hashed, "cookie": from_cookie})
 
 
 def _check_same_origin(connection: ASGIConnection, public_url: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -29,6 +30,9 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     ProviderRejected: 502,
     ProviderUnavailable: 503,
 }
+
+
+_PROXY_PATH = re.compile(r"^/api/integrations/[^/]+/proxy(?:/|$)")
 
 
 class ApiError(HTTPException):
@@ -84,8 +88,15 @@ def _validation_details(exc: ValidationException) -> list[dict[str, str]]:
     return details
 
 
-def http_error_handler(_: Request, exc: HTTPException) -> Response:
+def http_error_handler(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    if status == 405 and _PROXY_PATH.match(request.scope.get("path", "")):
+        # The router's 405 for a method no handler takes (CONNECT, PROPFIND, ...) under the
+        # proxy: the same 400 as OPTIONS and TRACE (PX-2).
+        from api.proxy import method_refused
+
+        exc = method_refused(request.method)
+        status = 400
     if isinstance(exc, ValidationException):
         message = _body_message(str(exc.detail))
         return _respond(400, message, _validation_details(exc) or None)

@@ -15,12 +15,14 @@ from typing import Any
 
 from litestar import Request
 from litestar.exceptions import SerializationException
+from litestar.types import Scope
 
 from api.errors import ApiError
 
 MAX_JSON_DEPTH = 32
 MAX_INT32 = 2**31 - 1
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_TOO_DEEP = object()  # the decoder gave up (RecursionError)
 
 # ``\u0000`` as a JSON escape: preceded by an even number of backslashes (``\\u0000`` is the text
 # "\u0000", which is fine). A raw NUL byte is malformed JSON and refused by the decoder.
@@ -32,27 +34,43 @@ async def check_input(request: Request[Any, Any, Any]) -> None:
 
     The body is decoded here once; Litestar caches the result for the handler's ``data``.
     """
-    if "\x00" in request.scope["path"]:
-        raise ApiError(400, "The path must not contain NUL characters.")
-    if b"%00" in request.scope.get("query_string", b""):
-        raise ApiError(400, "Query parameters must not contain NUL characters.")
+    check_raw(request.scope)
     if request.method not in _WITH_BODY or request.route_handler.opt.get("streamed_body"):
         return  # the proxy streams its body through untouched: reading it here would buffer it all
     body = await request.body()
     if not body:
         return
-    if _JSON_NUL.search(body):
-        raise ApiError(400, "Text in the request body must not contain NUL characters (\\u0000).")
+    check_nul(body)
     try:
         value = await request.json()
     except SerializationException:
         return  # malformed JSON: the handler's own decoding answers it with a 400 and the reason
     except RecursionError:
-        value = None
-    else:
-        if _within_depth(value, MAX_JSON_DEPTH):
-            return
-    raise ApiError(400, f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
+        value = _TOO_DEEP
+    check_depth(value)
+
+
+def check_raw(scope: Scope) -> None:
+    """No NUL in the path or the query string."""
+    if "\x00" in scope["path"]:
+        raise ApiError(400, "The path must not contain NUL characters.")
+    if b"%00" in scope.get("query_string", b""):
+        raise ApiError(400, "Query parameters must not contain NUL characters.")
+
+
+def check_nul(body: bytes) -> None:
+    """No ``\\u0000`` escape in a JSON body."""
+    if _JSON_NUL.search(body):
+        raise ApiError(400, "Text in the request body must not contain NUL characters (\\u0000).")
+
+
+def too_deep(limit: int = MAX_JSON_DEPTH) -> ApiError:
+    return ApiError(400, f"The request body is nested too deeply (at most {limit} levels).")
+
+
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    if value is _TOO_DEEP or not _within_depth(value, limit):
+        raise too_deep()
 
 
 def _within_depth(value: Any, limit: int) -> bool:

@@ -22,8 +22,7 @@ from uuid import UUID
 
 import anyio.to_thread
 import httpx
-from litestar import Response
-from litestar.response import Stream
+import yarl
 
 from api.controllers.common import resolve_integration
 from api.errors import ApiError
@@ -38,7 +37,7 @@ from domain.templates import TemplateError, parse_template, template_values
 
 log = logging.getLogger("integrations.proxy")
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # PX-2; anything else is a 400
 SMALL_BODY_BYTES = 64 * 1024  # a response body up to this size (declared by Content-Length) is sent in one piece
 MAX_HEADER_VALUE = 4096
 
@@ -114,6 +113,18 @@ class Call:
     body: Body
 
 
+@dataclass
+class Answer:
+    """What goes back to the caller: the upstream's status and filtered headers (lower-case names,
+    ``content-type`` included when the upstream sent one), and either the whole body (``content``)
+    or a one-shot relay of it (``stream``)."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes | None
+    stream: AsyncIterator[bytes] | None = None
+
+
 # ------------------------------------------------------------------------------------------------
 # Pure pieces
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +164,19 @@ def response_headers(headers: Any) -> dict[str, str]:
     return out
 
 
+def method_refused(method: str) -> ApiError:
+    """400 for a method outside the allowlist (PX-2), before anything is read or sent. OPTIONS
+    included: a CORS preflight is answered here, never forwarded with the integration's
+    credentials, and says no."""
+    shown = method[:16] if method.isascii() and method.isprintable() else "this method"
+    return ApiError(
+        400,
+        f"The request proxy does not forward {shown}: only {', '.join(METHODS)} are sent upstream.",
+        [field_error("method", "not allowed")],
+        code="method_not_allowed",
+    )
+
+
 def check_caller_header(name: str, value: str) -> None:
     if not HEADER_NAME.fullmatch(name):
         raise ValidationFailed("A request header name is not valid.", [field_error(f"headers.{name[:64]}", "invalid")])
@@ -166,8 +190,9 @@ def check_caller_header(name: str, value: str) -> None:
 
 
 def expand_headers(actor: Actor, integration: Integration, tenant_id: str) -> dict[str, str]:
-    """The integration's custom headers for this caller (PX-8); 400 when a value is unsafe."""
-    templates: Mapping[str, str] = integration.settings.get("headers") or {}
+    """The integration's custom headers for this caller (PX-8); 400 when a value is unsafe.
+    Secret headers are not here: they are literals from the vault (:func:`_header_secrets`)."""
+    templates: Mapping[str, Any] = integration.settings.get("headers") or {}
     if not templates:
         return {}
     values = template_values(
@@ -184,6 +209,8 @@ def expand_headers(actor: Actor, integration: Integration, tenant_id: str) -> di
     )
     out = {}
     for name, text in templates.items():
+        if type(text) is not str:  # a secret header's marker
+            continue
         try:
             value = parse_template(text).expand(values)
         except TemplateError as e:
@@ -200,14 +227,16 @@ def expand_headers(actor: Actor, integration: Integration, tenant_id: str) -> di
     return out
 
 
-def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -> httpx.URL:
-    """The upstream URL, confined under ``base_uri`` and re-checked as httpx parsed it (PX-1)."""
+def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -> yarl.URL:
+    """The upstream URL, confined under ``base_uri`` and re-checked as the sending client (aiohttp,
+    through yarl) parsed it (PX-1). The URL is sent exactly as built (``encoded=True``)."""
     base = _base(base_uri)
     path, query = confine(base, relative)
-    url = httpx.URL(f"{base.scheme}://{base.netloc}{path}" + ("?" + query if query else ""))
-    if params:
-        url = url.copy_merge_params(_params(params))
-    if url.userinfo or url.fragment or not within(base, url.scheme, url.netloc.decode("ascii"), url.path):
+    text = f"{base.scheme}://{base.netloc}{path}" + ("?" + query if query else "")
+    if params:  # httpx's encoding of axios-style params, merged into the query
+        text = str(httpx.URL(text).copy_merge_params(_params(params)))
+    url = yarl.URL(text, encoded=True)
+    if url.raw_user is not None or url.raw_fragment or not within(base, url.scheme, url.raw_authority, url.raw_path):
         raise PathRejected("the URL leaves the integration's base URL")
     return url
 
@@ -232,8 +261,8 @@ def _params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def inject(
-    auth_type: str, values: Mapping[str, str], settings: Mapping[str, Any], headers: dict[str, str], url: httpx.URL
-) -> httpx.URL:
+    auth_type: str, values: Mapping[str, str], settings: Mapping[str, Any], headers: dict[str, str], url: yarl.URL
+) -> yarl.URL:
     """Put the credentials where the auth type says; they win over anything of the same name."""
     if auth_type == "oauth2":
         _set(headers, "Authorization", f"Bearer {values['access_token']}")
@@ -245,7 +274,7 @@ def inject(
     elif auth_type == "apikey":
         name = str(settings.get("api_key_name") or "X-API-Key")
         if settings.get("api_key_location", "header") == "query":
-            url = url.copy_set_param(name, values["api_key"])
+            url = url.update_query({name: values["api_key"]})
         else:
             _set(headers, name, values["api_key"])
     return url
@@ -269,12 +298,12 @@ def _int_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-async def forward(services: Services, actor: Actor, call: Call) -> Response[bytes] | Stream:
+async def forward(services: Services, actor: Actor, call: Call) -> Answer:
     if services.upstream is None:
         raise ApiError(503, "The request proxy is not configured on this server.")
     method = call.method.upper()
     if method not in METHODS:
-        raise ValidationFailed(f"Method {call.method[:16]!r} is not allowed.", [field_error("method", "not allowed")])
+        raise method_refused(call.method)
     integration = await _integration(services, actor, call.ident)
     settings = integration.settings
     base_uri = settings.get("api_base_uri")
@@ -282,13 +311,18 @@ async def forward(services: Services, actor: Actor, call: Call) -> Response[byte
         raise ValidationFailed("This integration has no apiBaseUri to send requests to.")
     url = target_url(str(base_uri), call.relative, call.params)
     headers = dict(request_headers(call.headers))
-    for name, value in expand_headers(actor, integration, services.config.tenant_id).items():
-        _set(headers, name, value)
+    templates = settings.get("headers")
+    secret_headers = False
+    if templates:
+        for name, value in expand_headers(actor, integration, services.config.tenant_id).items():
+            _set(headers, name, value)
+        secret_headers = any(type(v) is not str for v in templates.values())
     if not any(k.lower() == "accept-encoding" for k in headers):
         headers["Accept-Encoding"] = "identity"  # the body goes back raw: never an encoding the caller did not ask for
     auth_type = str(settings.get("auth_type") or "none")
     config = services.proxy
     cap = _int_setting(settings, "proxy_max_concurrency", config.max_concurrency)
+    user_cap = config.max_concurrency_per_user
     size_cap = _int_setting(settings, "proxy_max_response_bytes", config.max_response_bytes)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.deadline_seconds
@@ -300,6 +334,16 @@ async def forward(services: Services, actor: Actor, call: Call) -> Response[byte
             headers={"Retry-After": "1"},
             code="proxy_busy",
         )
+    # Per caller across integrations (PX-9): the actor id (a str) never equals an integration id
+    # (a UUID), so one dict keeps both counts.
+    if user_cap and not bulkhead.enter(actor.id, user_cap):
+        bulkhead.leave(integration.id)
+        raise ApiError(
+            503,
+            "Too many concurrent proxied requests from you; retry shortly.",
+            headers={"Retry-After": "1"},
+            code="proxy_busy",
+        )
     released = False
 
     def release() -> None:
@@ -307,50 +351,49 @@ async def forward(services: Services, actor: Actor, call: Call) -> Response[byte
         if not released:
             released = True
             bulkhead.leave(integration.id)
+            if user_cap:
+                bulkhead.leave(actor.id)
 
     try:
-        response = await _send_with_credentials(
-            services, actor, integration, auth_type, method, url, headers, call.body, deadline
-        )
-        out_headers = response_headers(response.headers)
-        length = response.headers.get("content-length")
-        if size_cap and length and length.isdigit() and int(length) > size_cap:
-            await response.aclose()
-            raise ApiError(
-                502, "The upstream response is larger than this integration allows.", code="upstream_too_large"
-            )
-        if (
-            length is not None
-            and length.isdigit()
-            and int(length) <= SMALL_BODY_BYTES
-            and method != "HEAD"
-            and response.status_code >= 200
-            and response.status_code not in (204, 304)
-        ):
-            # A small body with a declared length (most API answers) is read here and sent in one
-            # piece: no streaming task per response, and a failure while reading is still a clean
-            # 502/504 rather than a cut stream. Memory stays bounded by SMALL_BODY_BYTES.
-            try:
-                content = await _read_small(response, deadline)
-            finally:
-                release()
-                await response.aclose()
-            out_headers.pop("content-length", None)  # set from the body
-            return Response(
-                content,
-                status_code=response.status_code,
-                headers=out_headers,
-                media_type=response.headers.get("content-type") or "application/octet-stream",
-            )
+        try:
+            # One timer for the whole exchange up to the answer's body (or its first byte, when it
+            # is streamed): the overall deadline (PX-9).
+            async with asyncio.timeout_at(deadline):
+                response = await _send_with_credentials(
+                    services, actor, integration, auth_type, method, url, headers, call.body, secret_headers
+                )
+                out_headers = response_headers(response.headers)
+                length = response.headers.get("content-length")
+                if size_cap and length and length.isdigit() and int(length) > size_cap:
+                    await response.aclose()
+                    raise ApiError(
+                        502, "The upstream response is larger than this integration allows.", code="upstream_too_large"
+                    )
+                if (
+                    length is not None
+                    and length.isdigit()
+                    and int(length) <= SMALL_BODY_BYTES
+                    and method != "HEAD"
+                    and response.status_code >= 200
+                    and response.status_code not in (204, 304)
+                ):
+                    # A small body with a declared length (most API answers) is read here and sent
+                    # in one piece: no streaming task per response, and a failure while reading is
+                    # still a clean 502/504 rather than a cut stream. Memory stays bounded by
+                    # SMALL_BODY_BYTES.
+                    try:
+                        content = await _read_small(response)
+                    finally:
+                        release()
+                        await response.aclose()
+                    out_headers.pop("content-length", None)  # set from the body
+                    return Answer(response.status_code, out_headers, content)
+        except TimeoutError:
+            raise ApiError(504, "The upstream did not answer in time.", code="upstream_timeout") from None
     except BaseException:
         release()
         raise
-    return Stream(
-        _relay(response, deadline, size_cap, release),
-        status_code=response.status_code,
-        headers=out_headers,
-        media_type=response.headers.get("content-type") or "application/octet-stream",
-    )
+    return Answer(response.status_code, out_headers, None, _relay(response, deadline, size_cap, release))
 
 
 # The loader reads an integration whatever its shares say; the caller's own access is checked on
@@ -371,6 +414,15 @@ async def _integration(services: Services, actor: Actor, ident: str) -> Integrat
     if integration.level_for(actor) < AccessLevel.USE:
         raise NotFound("Integration not found.")
     return integration
+
+
+async def _header_secrets(services: Services, integration: Integration) -> dict[str, str]:
+    """The secret header values, opened from the vault once per integration version and kept in
+    the proxy cache like the credentials (plaintext: memory only)."""
+    return await services.proxy_cache.fetch(
+        ("header-secrets", integration.id, integration.version),
+        lambda: anyio.to_thread.run_sync(services.app.header_secrets, integration),
+    )
 
 
 async def _credentials(services: Services, actor: Actor, integration: Integration, refresh_from: int | None) -> Any:
@@ -402,36 +454,37 @@ async def _send_with_credentials(
     integration: Integration,
     auth_type: str,
     method: str,
-    url: httpx.URL,
+    url: yarl.URL,
     headers: dict[str, str],
     body: Body,
-    deadline: float,
+    secret_headers: bool = False,
 ) -> Any:
+    """The upstream's answer, with one forced refresh and replay after a 401 (OAuth 2.0, when the
+    body can be sent again). Runs under the caller's deadline."""
     creds = None
-    try:
-        async with asyncio.timeout_at(deadline):
-            if auth_type != "none":
-                creds = await _credentials(services, actor, integration, None)
-            response = await _send(services, method, url, headers, body, creds, integration)
-            if (
-                response.status_code == 401
-                and creds is not None
-                and creds.auth_type == "oauth2"
-                and creds.connection_id is not None
-                and body.replayable
-            ):
-                await response.aclose()
-                creds = await _credentials(services, actor, integration, creds.generation)
-                response = await _send(services, method, url, headers, body, creds, integration)
-            return response
-    except TimeoutError:
-        raise ApiError(504, "The upstream did not answer in time.", code="upstream_timeout") from None
+    if secret_headers:
+        for name, value in (await _header_secrets(services, integration)).items():
+            _set(headers, name, value)
+    if auth_type != "none":
+        creds = await _credentials(services, actor, integration, None)
+    response = await _send(services, method, url, headers, body, creds, integration)
+    if (
+        response.status_code == 401
+        and creds is not None
+        and creds.auth_type == "oauth2"
+        and creds.connection_id is not None
+        and body.replayable
+    ):
+        await response.aclose()
+        creds = await _credentials(services, actor, integration, creds.generation)
+        response = await _send(services, method, url, headers, body, creds, integration)
+    return response
 
 
 async def _send(
     services: Services,
     method: str,
-    url: httpx.URL,
+    url: yarl.URL,
     headers: dict[str, str],
     body: Body,
     creds: Any,
@@ -457,14 +510,11 @@ async def _send(
         raise ApiError(502, "The upstream address is not allowed by the egress policy.", code="egress_denied") from None
 
 
-async def _read_small(response: Any, deadline: float) -> bytes:
+async def _read_small(response: Any) -> bytes:
     """A small body (its length declared and under ``SMALL_BODY_BYTES``) read whole, under the
-    overall deadline: 504 past it, 502 when the upstream fails while sending it."""
+    caller's deadline; 502 when the upstream fails while sending it."""
     try:
-        async with asyncio.timeout_at(deadline):
-            return bytes(await response.aread())
-    except TimeoutError:
-        raise ApiError(504, "The upstream did not answer in time.", code="upstream_timeout") from None
+        return bytes(await response.aread())
     except httpx.TransportError as e:
         log.info("upstream body failed: %s", type(e).__name__)
         raise ApiError(502, "The upstream could not be reached.", code="upstream_unreachable") from None

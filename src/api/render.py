@@ -93,6 +93,15 @@ def integration(doc: dict[str, Any], *, shared: bool | None = None) -> dict[str,
     return out
 
 
+def headers(settings: dict[str, Any]) -> dict[str, Any]:
+    """The custom headers as the API shows them: a template string, or ``{"secret": true}`` for
+    a value kept in the vault (the settings hold only that marker, never the value)."""
+    return {
+        name: value if isinstance(value, str) else {"secret": True}
+        for name, value in (settings.get("headers") or {}).items()
+    }
+
+
 def etag(version: int) -> str:
     return f'"{version}"'
 

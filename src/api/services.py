@@ -46,6 +46,9 @@ class ProxyConfig:
 
     deadline_seconds: float = 30.0  # the whole call: credentials, connect, headers and body
     max_concurrency: int = 64  # in-flight proxied calls per integration (process-wide bulkhead)
+    # In-flight proxied calls per caller, across integrations, in this process: one user can fill
+    # one integration's bulkhead but not take every integration's at once.
+    max_concurrency_per_user: int = 128
     max_response_bytes: int = 0  # 0: no cap
     replay_buffer_bytes: int = 1_000_000  # bodies up to this size are buffered so a 401 can be replayed
 
@@ -88,8 +91,9 @@ class Services:
 
 
 class Bulkhead:
-    """In-flight proxied calls per integration, in this process (one event loop: no lock needed).
-    Over the cap a call is refused at once rather than queued: a slow upstream must not pile up."""
+    """In-flight proxied calls per key (an integration's UUID, a caller's id), in this process
+    (one event loop: no lock needed). Over the cap a call is refused at once rather than queued:
+    a slow upstream must not pile up."""
 
     def __init__(self) -> None:
         self._active: dict[Any, int] = {}
@@ -138,7 +142,8 @@ class ReadYourWrites:
 
 
 class AuthCache:
-    """Token hash -> principals row, for a few seconds (``INTEGRATIONS_AUTH_CACHE_SECONDS``).
+    """Token hash -> what authentication made of the principals row (``api.auth``), for a few
+    seconds (``INTEGRATIONS_AUTH_CACHE_SECONDS``).
 
     Saves a read-model query on every request. Identity writes in this process clear it at
     once; in another process a revoked token or a changed membership takes effect within the
@@ -147,11 +152,11 @@ class AuthCache:
 
     def __init__(self, ttl: float = 2.0, capacity: int = 10_000) -> None:
         self.ttl = ttl
-        self._rows: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._rows: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self._capacity = capacity
 
-    def get(self, token_hash: str) -> dict[str, Any] | None:
+    def get(self, token_hash: str) -> Any:
         if self.ttl <= 0:
             return None
         with self._lock:
@@ -161,11 +166,11 @@ class AuthCache:
                 return None
             return hit[1]
 
-    def put(self, token_hash: str, row: dict[str, Any]) -> None:
+    def put(self, token_hash: str, entry: Any) -> None:
         if self.ttl <= 0:
             return
         with self._lock:
-            self._rows[token_hash] = (time.monotonic() + self.ttl, row)
+            self._rows[token_hash] = (time.monotonic() + self.ttl, entry)
             self._rows.move_to_end(token_hash)
             while len(self._rows) > self._capacity:
                 self._rows.popitem(last=False)

@@ -300,6 +300,7 @@ def _wire_proxy(settings: Settings, runtime: Runtime) -> None:
         deadline_seconds=deadline,
         max_concurrency=settings.proxy_max_concurrency,
         max_response_bytes=settings.proxy_max_response_bytes,
+        max_concurrency_per_user=settings.proxy_max_concurrency_per_user,
     )
 
 

@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from domain import settings as rules
+from domain.errors import ValidationFailed, field_error
+
 Text = Annotated[str, Meta(max_length=2000)]
 Short = Annotated[str, Meta(max_length=200)]
 Url = Annotated[str, Meta(max_length=2048)]
@@ -24,6 +27,20 @@ Tag = Annotated[str, Meta(min_length=1, max_length=64)]
 Permission = Literal["integrationCreation", "integrations.read"]
 
 _STRUCT = {"kw_only": True, "forbid_unknown_fields": True, "rename": "camel"}
+
+
+class SecretHeader(msgspec.Struct, **_STRUCT):
+    """A custom header value kept in the vault: ``{"value": "<literal>", "secret": true}``.
+
+    The value is sent as given, never template-expanded (a ``$`` in a token is just a character).
+    Without ``value`` (as responses show it) an update keeps the stored value.
+    """
+
+    secret: bool
+    value: Annotated[str, Meta(min_length=1, max_length=4096)] | UnsetType = UNSET
+
+
+HeaderEntry = HeaderValue | SecretHeader
 
 
 class IntegrationBody(msgspec.Struct, **_STRUCT):
@@ -58,7 +75,7 @@ class IntegrationBody(msgspec.Struct, **_STRUCT):
     password: Secret | UnsetType | None = UNSET
     bearer_token: Secret | UnsetType | None = UNSET
     image_url: Url | UnsetType | None = UNSET
-    headers: Annotated[dict[str, HeaderValue], Meta(max_length=50)] | UnsetType | None = UNSET
+    headers: Annotated[dict[str, HeaderEntry], Meta(max_length=50)] | UnsetType | None = UNSET
     tags: Annotated[list[Tag], Meta(max_length=50)] | UnsetType | None = UNSET
     # Request proxy limits for this integration; they can only lower the server's (PX-9).
     proxy_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] | UnsetType | None = UNSET
@@ -75,11 +92,43 @@ def given(body: msgspec.Struct) -> dict[str, Any]:
 
 
 def split_integration_body(body: IntegrationBody) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """(settings given, secrets given); a ``None`` value means "remove" / "clear"."""
+    """(settings given, secrets given); a ``None`` value means "remove" / "clear".
+
+    A secret header's value moves to the secrets (field ``header:<lower-case name>``) and its
+    setting keeps only the marker ``{"secret": true}``; raises :class:`ValidationFailed` for a
+    secret value that could not be sent, before anything is sealed.
+    """
     fields = given(body)
     settings = {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
     secrets = {k: v for k, v in fields.items() if k in SECRET_ATTRS}
+    if isinstance(settings.get("headers"), dict):
+        settings["headers"], header_secrets = split_headers(settings["headers"])
+        secrets.update(header_secrets)
     return settings, secrets
+
+
+def split_headers(headers: dict[str, str | SecretHeader]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the headers as settings keep them, the secret values by vault field)."""
+    out: dict[str, Any] = {}
+    values: dict[str, str] = {}
+    errors = []
+    for name, entry in headers.items():
+        if isinstance(entry, str):
+            out[name] = entry
+            continue
+        where = f"headers.{name}"
+        if not entry.secret:
+            errors.append(field_error(where, "a value that is not secret is given as a template string"))
+            continue
+        out[name] = dict(rules.SECRET_HEADER)
+        if isinstance(entry.value, str):
+            problem = rules.secret_header_problem(entry.value)
+            if problem:
+                errors.append(field_error(where, problem))
+            values[rules.secret_header_field(name)] = entry.value
+    if errors:
+        raise ValidationFailed("A custom header is not valid.", errors)
+    return out, values
 
 
 class ConnectBody(msgspec.Struct, **_STRUCT):

@@ -231,7 +231,10 @@ class IntegrationsApp(Application[UUID]):
                 settings = rules.normalise({k: v for k, v in settings_in.items() if v is not None})
             slug = body.slug if isinstance(body.slug, str) else integration.slug
             _check_slug(slug)
-            present = (set(integration.secrets) - set(cleared)) | set(sealed)
+            # A secret header no longer in the map (or no longer secret) loses its stored value.
+            wanted = rules.secret_header_fields(settings)
+            dropped = [k for k in integration.secrets if k.startswith(rules.SECRET_HEADER_PREFIX) and k not in wanted]
+            present = (set(integration.secrets) - set(cleared) - set(dropped)) | set(sealed)
             rules.check(settings, present, self.url_policy)
             _check_repointing(actor, integration, settings)
             touched: list[Aggregate] = [integration]
@@ -239,10 +242,29 @@ class IntegrationsApp(Application[UUID]):
                 touched.append(self._claim(SLUG, f"{integration.owner_id}:{slug}", integration.id))
                 old = self._release(SLUG, integration.natural_id, integration.id)
                 touched.extend([old] if old else [])
-            changed = integration.update(slug=slug, settings=settings, secrets_set=sealed, secrets_cleared=cleared)
+            changed = integration.update(
+                slug=slug, settings=settings, secrets_set=sealed, secrets_cleared=[*cleared, *dropped]
+            )
             return Written(integration, self._store(*touched) if changed else None)
 
-        return self._run(actor.id, attempt)
+        try:
+            return self._run(actor.id, attempt)
+        except DomainError:
+            # Refused before anything was saved (invalid, precondition, conflict): nothing refers
+            # to what was sealed for it.
+            if sealed:
+                self.vault.discard(integration_id, [r["ref"] for r in sealed.values()])
+            raise
+
+    def header_secrets(self, integration: Integration) -> dict[str, str]:
+        """The integration's secret header values by header name, opened (for the proxy)."""
+        out = {}
+        for name, value in (integration.settings.get("headers") or {}).items():
+            field = rules.secret_header_field(name)
+            ref = integration.secrets.get(field)
+            if rules.is_secret_header(value) and ref is not None:
+                out[name] = self.vault.open(integration.id, field, ref["ref"])
+        return out
 
     def delete_integration(
         self, actor: Actor, integration_id: UUID, *, expected_version: int | None = None

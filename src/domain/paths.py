@@ -60,6 +60,8 @@ class Base:
 
 
 def _check_text(text: str, what: str) -> None:
+    if _ALLOWED.fullmatch(text) and "%" not in text:
+        return  # the common case, in one regex: only pchar, "/", "?" and brackets, no escapes
     if any(ord(c) < 0x21 or ord(c) > 0x7E for c in text):
         raise PathRejected(f"control characters, whitespace or non-ASCII text in the {what}")
     if "\\" in text:

@@ -64,6 +64,36 @@ RESERVED_HEADERS = frozenset(
     }
 )
 MAX_HEADERS = 50
+MAX_HEADER_VALUE = 4096  # an expanded or secret header value (security note PX-8)
+# A header whose value is a secret keeps only this marker in the settings (and so in the events);
+# the value is sealed in the vault under the integration, field ``header:<lower-case name>``.
+SECRET_HEADER = {"secret": True}
+SECRET_HEADER_PREFIX = "header:"  # noqa: S105  (a vault field prefix, not a secret)
+_HEADER_VALUE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def is_secret_header(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("secret") is True
+
+
+def secret_header_field(name: str) -> str:
+    """The vault field of a secret header's value (names are case-insensitive)."""
+    return SECRET_HEADER_PREFIX + name.lower()
+
+
+def secret_header_fields(settings: Mapping[str, Any]) -> frozenset[str]:
+    """The vault fields the settings' secret headers refer to."""
+    headers = settings.get("headers") or {}
+    return frozenset(secret_header_field(n) for n, v in headers.items() if is_secret_header(v))
+
+
+def secret_header_problem(value: str) -> str | None:
+    """Why a secret header value cannot be sent as it is (it is a literal: never expanded)."""
+    if len(value) > MAX_HEADER_VALUE:
+        return f"a secret value may hold at most {MAX_HEADER_VALUE} characters"
+    if not value.isascii() or _HEADER_VALUE_CTL.search(value):
+        return "a secret value must be printable ASCII (no CR, LF, NUL or other control characters)"
+    return None
 
 
 def normalise(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,7 +145,7 @@ def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: U
     key_name = settings.get("api_key_name")
     if key_name is not None and not HEADER_NAME.fullmatch(key_name):
         errors.append(field_error("apiKeyName", "must be a valid header or parameter name"))
-    errors.extend(_check_headers(settings.get("headers") or {}, _service_headers(settings)))
+    errors.extend(_check_headers(settings.get("headers") or {}, _service_headers(settings), present))
     if errors:
         raise ValidationFailed("The integration is not valid.", errors)
 
@@ -130,24 +160,38 @@ def _service_headers(settings: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(reserved)
 
 
-def _check_headers(headers: Mapping[str, str], reserved: frozenset[str] = RESERVED_HEADERS) -> list[dict[str, str]]:
+def _check_headers(
+    headers: Mapping[str, Any], reserved: frozenset[str] = RESERVED_HEADERS, secrets_present: Iterable[str] = ()
+) -> list[dict[str, str]]:
+    """Names, templates, and a stored value behind every secret header's marker."""
     errors = []
+    if not isinstance(headers, Mapping):
+        return [field_error("headers", "must be an object of header name to value")]
     if len(headers) > MAX_HEADERS:
         errors.append(field_error("headers", f"at most {MAX_HEADERS} headers"))
+    present = set(secrets_present)
     seen: set[str] = set()
     for name, value in headers.items():
         lower = name.lower()
+        where = f"headers.{name}"
         if not HEADER_NAME.fullmatch(name):
-            errors.append(field_error(f"headers.{name}", "is not a valid header name"))
+            errors.append(field_error(where, "is not a valid header name"))
         elif lower in reserved:
-            errors.append(field_error(f"headers.{name}", "is set by the service and cannot be templated"))
+            errors.append(field_error(where, "is set by the service and cannot be templated"))
         elif lower in seen:
-            errors.append(field_error(f"headers.{name}", "is given twice (header names are case-insensitive)"))
+            errors.append(field_error(where, "is given twice (header names are case-insensitive)"))
         seen.add(lower)
+        if is_secret_header(value):
+            if secret_header_field(name) not in present:
+                errors.append(field_error(where, 'has no stored secret value: send {"value": ..., "secret": true}'))
+            continue
+        if not isinstance(value, str):
+            errors.append(field_error(where, 'must be a template string or {"value": ..., "secret": true}'))
+            continue
         try:
             parse_template(value)
         except TemplateError as e:
-            errors.append(field_error(f"headers.{name}", str(e)))
+            errors.append(field_error(where, str(e)))
     return errors
 
 

@@ -7,6 +7,7 @@ a value that itself contains ``${...}`` is inserted literally and never expanded
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ def _check_variable(name: str) -> None:
     raise TemplateError(f"unknown variable '{name}'")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the text; Template is immutable
 def parse_template(text: str) -> Template:
     if any(c in text for c in _FORBIDDEN_CHARS):
         raise TemplateError("control characters (CR, LF, NUL) are not allowed")

@@ -72,6 +72,7 @@ class Settings:
     proxy_deadline_seconds: float = 30.0  # INTEGRATIONS_PROXY_DEADLINE_SECONDS: a whole proxied call
     proxy_connect_timeout_seconds: float = 5.0
     proxy_max_concurrency: int = 64  # in-flight proxied calls per integration and process
+    proxy_max_concurrency_per_user: int = 128  # in-flight proxied calls per caller and process
     proxy_max_response_bytes: int = 0  # 0: no cap (an integration may set its own)
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -140,6 +141,7 @@ class Settings:
                 "PROXY_CONNECT_TIMEOUT_SECONDS", cls.proxy_connect_timeout_seconds, float
             ),
             proxy_max_concurrency=number("PROXY_MAX_CONCURRENCY", cls.proxy_max_concurrency),
+            proxy_max_concurrency_per_user=number("PROXY_MAX_CONCURRENCY_PER_USER", cls.proxy_max_concurrency_per_user),
             proxy_max_response_bytes=number("PROXY_MAX_RESPONSE_BYTES", cls.proxy_max_response_bytes, allow_zero=True),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

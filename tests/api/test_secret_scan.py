@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
+from domain.access import Actor
 from tests.api.conftest import Api
 
 SECRETS = {
@@ -16,6 +18,9 @@ SECRETS = {
     "bearerToken": "bt-PLAINTEXT-c0ffee42",
     "rotated": "cs-PLAINTEXT-ROTATED-91ab",
     "userPassword": "user-PLAINTEXT-pass-3141",
+    "headerSecret": "hs-PLAINTEXT-$user.id-d00d5e",  # a custom header's secret value
+    "headerRotated": "hs-PLAINTEXT-ROTATED-77aa01",
+    "headerRefused": "hs-PLAINTEXT-REFUSED-5150",
 }
 
 
@@ -69,10 +74,26 @@ def test_no_plaintext_secret_in_store_logs_or_responses(api: Api, caplog: pytest
                 "authType": auth,
                 "apiBaseUri": "https://api.example.com",
                 field: SECRETS[field],
+                "headers": {"X-Token": {"value": SECRETS["headerSecret"], "secret": True}, "X-User": "${user.id}"},
             },
         )
         assert r.status_code == 201, r.text
         responses.append(r.text)
+    key_id = api.client.get("/api/integrations/alice:k", headers=alice).json()["id"]
+    r = api.client.put(
+        f"/api/integrations/{key_id}/headers",
+        headers=alice,
+        json={"X-Token": {"value": SECRETS["headerRotated"], "secret": True}, "X-Kept": "$user.email"},
+    )
+    assert r.status_code == 200, r.text
+    responses.append(r.text)
+    r = api.client.patch(
+        f"/api/integrations/{key_id}",
+        headers=alice,
+        json={"headers": {"X-Token": {"secret": True}, "Cookie": {"value": SECRETS["headerRefused"], "secret": True}}},
+    )
+    assert r.status_code == 400, r.text
+    responses.append(r.text)
     r = api.client.patch(f"/api/integrations/{oauth_id}", headers=alice, json={"clientSecret": SECRETS["rotated"]})
     responses.append(r.text)
     r = api.client.post(
@@ -85,6 +106,9 @@ def test_no_plaintext_secret_in_store_logs_or_responses(api: Api, caplog: pytest
         "/api/integrations-list",
         f"/api/integrations/{oauth_id}",
         f"/api/integrations/{oauth_id}/history",
+        f"/api/integrations/{key_id}",
+        f"/api/integrations/{key_id}/headers",
+        f"/api/integrations/{key_id}/history",
         "/api/users/alice",
         "/api/me",
     ):
@@ -103,3 +127,7 @@ def test_no_plaintext_secret_in_store_logs_or_responses(api: Api, caplog: pytest
         for name, secret in [*SECRETS.items(), ("api token", user_token), ("session", session or "<none>")]:
             assert secret.encode() not in blob, f"{name} found in {where}"
     assert len(stored) > 10_000  # the scan saw real data
+    # positive control: the header's value is in the vault (only there), as the proxy opens it
+    app = api.runtime.services.app
+    vaulted = app.integration_for(Actor(id="admin", superuser=True), UUID(key_id))
+    assert app.header_secrets(vaulted) == {"X-Token": SECRETS["headerRotated"]}

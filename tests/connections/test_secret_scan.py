@@ -33,6 +33,8 @@ CREDENTIALS = {
     "password": "pw-SCAN-" + secrets.token_hex(8),
     "bearer_token": "bt-SCAN-" + secrets.token_hex(8),
 }
+HEADER_SECRET = "hs-SCAN-" + secrets.token_hex(8)  # a custom header's secret value (vault)
+SECRET_HEADERS = {"X-Partner-Token": {"value": HEADER_SECRET, "secret": True}}
 
 
 def _variants(value: str) -> set[str]:
@@ -82,7 +84,7 @@ def test_no_oauth_secret_in_store_logs_or_responses(
     monkeypatch.setattr(oauth, "exchange_code", exchange_code)
     monkeypatch.setattr(oauth, "refresh", refresh)
 
-    secrets_seen: dict[str, str] = {"client secret": op.basic_client.client_secret}
+    secrets_seen: dict[str, str] = {"client secret": op.basic_client.client_secret, "header secret": HEADER_SECRET}
     responses: list[httpx.Response] = []
 
     def keep(r: httpx.Response) -> httpx.Response:
@@ -91,6 +93,7 @@ def test_no_oauth_secret_in_store_logs_or_responses(
 
     alice, bob = api.user("alice"), api.user("bob")
     iid = oauth_integration(api, alice, op)["id"]
+    assert keep(api.client.put(f"/api/integrations/{iid}/headers", json=SECRET_HEADERS, headers=alice)).is_success
 
     # 1. connect by redirect; the state, the challenge's verifier and the code as they were
     r = start(api, alice, iid)
@@ -157,7 +160,12 @@ def test_no_oauth_secret_in_store_logs_or_responses(
     ):
         kid = api.client.post(
             "/api/integrations",
-            json={"name": f"scan {auth_type}", "authType": auth_type, "apiBaseUri": "https://api.example.com"},
+            json={
+                "name": f"scan {auth_type}",
+                "authType": auth_type,
+                "apiBaseUri": "https://api.example.com",
+                "headers": SECRET_HEADERS,
+            },
             headers=alice,
         ).json()["id"]
         assert keep(api.client.post(f"/api/integrations/{kid}/connect", json=body, headers=alice)).status_code == 201

@@ -503,3 +503,45 @@ def test_expand_never_yields_cr_lf_or_nul(value: str) -> None:
     except TemplateError:
         return
     assert not any(c in out for c in "\r\n\0"), f"expanded to {out!r}"
+
+
+# === secret header values =====================================================================
+
+
+def test_a_secret_header_marker_needs_its_stored_value() -> None:
+    headers = {"X-Token": dict(rules.SECRET_HEADER), "X-User": "${user.id}"}
+    passes({"name": "X", "headers": headers}, ("header:x-token",))
+    assert problems({"name": "X", "headers": headers}) == [
+        {"field": "headers.X-Token", "message": 'has no stored secret value: send {"value": ..., "secret": true}'}
+    ]
+    assert rules.secret_header_fields(rules.normalise({"headers": headers})) == {"header:x-token"}
+
+
+def test_a_secret_header_obeys_the_name_rules() -> None:
+    assert problems({"name": "X", "headers": {"Cookie": {"secret": True}}}, ("header:cookie",)) == [
+        {"field": "headers.Cookie", "message": "is set by the service and cannot be templated"}
+    ]
+
+
+@pytest.mark.parametrize("value", [1, None, ["a"], {"secret": False}, {"value": "v"}])
+def test_a_header_value_is_a_template_or_the_secret_marker(value: Any) -> None:
+    assert problems({"name": "X", "headers": {"X-A": value}}) == [
+        {"field": "headers.X-A", "message": 'must be a template string or {"value": ..., "secret": true}'}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("tok-$user.id-${x}", True),
+        ("a\tb", True),
+        ("~" * rules.MAX_HEADER_VALUE, True),
+        ("~" * (rules.MAX_HEADER_VALUE + 1), False),
+        ("a\r\nX-Evil: 1", False),
+        ("a\x00", False),
+        ("a\x7f", False),
+        ("caf\u00e9", False),
+    ],
+)
+def test_secret_header_values_are_printable_ascii_literals(value: str, ok: bool) -> None:
+    assert (rules.secret_header_problem(value) is None) is ok

@@ -121,3 +121,47 @@ def test_a_base_path_prefix_is_kept(api: Api, upstream: Upstream) -> None:
         r = api.client.post(f"/api/integrations/{iid}/request", json={"url": url}, headers=alice)
         assert r.status_code == 200, (url, r.text)
         assert upstream.last().target.startswith("/v1/echo/x")
+
+
+# Methods outside the allowlist (PX-2), OPTIONS included: a CORS preflight is never forwarded with
+# the integration's credentials. The upstream recorder answers every one of these if asked.
+REFUSED_METHODS = ["OPTIONS", "TRACE", "CONNECT", "PROPFIND", "MKCOL", "LINK", "FOO", "options"]
+
+
+@pytest.mark.parametrize("method", REFUSED_METHODS)
+def test_methods_outside_the_allowlist_are_400_and_never_reach_the_upstream(
+    api: Api, upstream: Upstream, method: str
+) -> None:
+    alice = api.user("alice")
+    iid = apikey(api, alice, upstream)["id"]
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}
+    r = api.client.request(method, f"/api/integrations/{iid}/proxy/echo", headers={**alice, **preflight}, content=b"x")
+    assert r.status_code == 400, (method, r.status_code, r.text)
+    body = r.json()
+    assert body["statusCode"] == 400 and body["error"] == "Bad Request"
+    assert body["code"] == "method_not_allowed" and "GET, HEAD, POST, PUT, PATCH, DELETE" in body["message"]
+    assert body["details"] == [{"field": "method", "message": "not allowed"}]
+    assert "access-control-allow-origin" not in r.headers
+    r = api.client.post(f"/api/integrations/{iid}/request", json={"url": "echo", "method": method}, headers=alice)
+    assert r.status_code == 400, (method, r.text)
+    assert r.json()["code"] == "method_not_allowed"
+    assert upstream.count() == 0, upstream.received
+
+
+def test_a_refused_method_needs_no_visible_integration_and_reveals_nothing(api: Api, upstream: Upstream) -> None:
+    """Refused before the integration is resolved: the same 400 for one the caller cannot see, one
+    that does not exist, and without credentials (a browser's preflight carries none; Litestar's
+    authentication lets OPTIONS through to the handler, which refuses it)."""
+    alice = api.user("alice")
+    iid = apikey(api, alice, upstream)["id"]
+    bob = api.user("bob")
+    origin = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
+    answers = [
+        api.client.options(f"/api/integrations/{iid}/proxy/echo", headers={**bob, **origin}),
+        api.client.options("/api/integrations/nope/proxy/echo", headers={**bob, **origin}),
+        api.client.options(f"/api/integrations/{iid}/proxy/echo", headers=origin),
+        api.client.request("TRACE", f"/api/integrations/{iid}/proxy/echo", headers=bob),
+    ]
+    assert {r.status_code for r in answers} == {400}
+    assert len({r.text.replace("TRACE", "OPTIONS") for r in answers}) == 1
+    assert upstream.count() == 0

@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 import pytest
 from litestar.exceptions import LitestarException
 
-from infrastructure.settings import Settings
+from infrastructure.settings import Settings, SettingsError
 from tests.api.conftest import Api
 from tests.proxy.conftest import api_with
 from tests.proxy.test_proxy import apikey, create
@@ -115,21 +115,28 @@ def test_egress_refusal_is_502_and_nothing_is_sent(proxy_settings: Settings, ups
         assert upstream.count() == 0
 
 
+def _hold_slow(api: Api, who: dict[str, str], iid: str, upstream: Upstream) -> tuple[threading.Thread, dict[str, int]]:
+    """One call held by the upstream (slow headers) until the deadline, in a thread; returns once
+    the upstream has it."""
+    slow: dict[str, int] = {}
+
+    def hold() -> None:
+        slow["status"] = api.client.get(f"/api/integrations/{iid}/proxy/slow-headers", headers=who).status_code
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    deadline = time.monotonic() + 2
+    while upstream.count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return thread, slow
+
+
 def test_bulkhead_refuses_beyond_the_cap(proxy_settings: Settings, upstream: Upstream) -> None:
     with api_with(proxy_settings.with_(proxy_max_concurrency=1)) as api:
         alice = api.user("alice")
         iid = apikey(api, alice, upstream)["id"]
         other = apikey(api, alice, upstream, slug="other")["id"]
-        slow: dict[str, int] = {}
-
-        def hold() -> None:
-            slow["status"] = api.client.get(f"/api/integrations/{iid}/proxy/slow-headers", headers=alice).status_code
-
-        thread = threading.Thread(target=hold)
-        thread.start()
-        deadline = time.monotonic() + 2
-        while upstream.count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        thread, slow = _hold_slow(api, alice, iid, upstream)
         r = api.client.get(f"/api/integrations/{iid}/proxy/echo", headers=alice)
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "proxy_busy" and r.headers["retry-after"] == "1"
@@ -139,6 +146,53 @@ def test_bulkhead_refuses_beyond_the_cap(proxy_settings: Settings, upstream: Ups
         assert slow["status"] == 504
         r = api.client.get(f"/api/integrations/{iid}/proxy/echo", headers=alice)
         assert r.status_code == 200  # the slot came back
+
+
+def test_per_user_cap_refuses_beyond_it_across_integrations(proxy_settings: Settings, upstream: Upstream) -> None:
+    with api_with(proxy_settings.with_(proxy_max_concurrency_per_user=1)) as api:  # wired by cli.runtime
+        _per_user_cap(api, upstream)
+
+
+def _per_user_cap(api: Api, upstream: Upstream) -> None:
+    alice = api.user("alice")
+    bob = api.user("bob")
+    iid = apikey(api, alice, upstream)["id"]
+    other = apikey(api, alice, upstream, slug="other")["id"]
+    for target in (iid, other):
+        assert api.client.put(f"/api/integrations/{target}/shares/bob", json={}, headers=alice).status_code == 200
+    thread, slow = _hold_slow(api, alice, iid, upstream)
+    assert upstream.count() == 1
+    for target in (iid, other):  # the cap is the caller's, whichever integration
+        r = api.client.get(f"/api/integrations/{target}/proxy/echo", headers=alice)
+        assert r.status_code == 503, r.text
+        assert r.json() == {
+            "statusCode": 503,
+            "error": "Service Unavailable",
+            "message": "Too many concurrent proxied requests from you; retry shortly.",
+            "code": "proxy_busy",
+        }
+        assert r.headers["retry-after"] == "1"
+        r = api.client.post(f"/api/integrations/{target}/request", json={"url": "echo"}, headers=alice)
+        assert r.status_code == 503 and r.json()["code"] == "proxy_busy"
+    assert upstream.count() == 1  # refused calls sent nothing
+    for target in (iid, other):  # another caller is not affected, on the same integrations
+        r = api.client.get(f"/api/integrations/{target}/proxy/echo", headers=bob)
+        assert r.status_code == 200, r.text
+    thread.join()
+    assert slow["status"] == 504
+    r = api.client.get(f"/api/integrations/{other}/proxy/echo", headers=alice)
+    assert r.status_code == 200  # the slot came back
+    services = api.runtime.services
+    assert services.bulkhead.active("alice") == 0 and services.bulkhead.active("bob") == 0
+
+
+def test_the_per_user_cap_is_a_setting() -> None:
+    assert Settings.from_env({}).proxy_max_concurrency_per_user == 128
+    env = {"INTEGRATIONS_PROXY_MAX_CONCURRENCY_PER_USER": "7"}
+    assert Settings.from_env(env).proxy_max_concurrency_per_user == 7
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SettingsError, match="INTEGRATIONS_PROXY_MAX_CONCURRENCY_PER_USER"):
+            Settings.from_env({"INTEGRATIONS_PROXY_MAX_CONCURRENCY_PER_USER": bad})
 
 
 def test_response_size_cap(proxy_settings: Settings, upstream: Upstream) -> None:

@@ -330,3 +330,39 @@ def test_changes_apply_to_the_next_call_despite_the_proxy_cache(api: Api, upstre
     assert api.client.delete(f"/api/integrations/{iid}", headers=alice).status_code == 204
     assert api.client.get(f"/api/integrations/{iid}/proxy/echo", headers=alice).status_code == 404
     assert upstream.count() == before
+
+
+def _error(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["statusCode"] == status and {"error", "message"} <= set(body), body
+    return body
+
+
+def test_request_body_is_checked_before_anything_is_sent(api: Api, upstream: Upstream) -> None:
+    """The ``/request`` body is read and decoded at the ASGI level (``api.proxy_endpoint``): every
+    refusal is a 4xx in the error shape, and nothing reaches the upstream."""
+    alice = api.user("alice")
+    url = f"/api/integrations/{apikey(api, alice, upstream)['id']}/request"
+    json_headers = {**alice, "Content-Type": "application/json"}
+    assert "JSON" in _error(api.client.post(url, content=b'{"url": ', headers=json_headers), 400)["message"]
+    unknown = _error(api.client.post(url, json={"url": "echo", "bogus": 1}, headers=alice), 400)
+    assert "bogus" in unknown["message"]
+    _error(api.client.post(url, json={"url": 7}, headers=alice), 400)  # wrong type
+    _error(api.client.post(url, json=["echo"], headers=alice), 400)  # not an object
+    deep: Any = "x"
+    for _ in range(40):
+        deep = [deep]
+    assert "nested" in _error(api.client.post(url, json={"url": "echo", "data": deep}, headers=alice), 400)["message"]
+    nul = b'{"url": "echo", "data": "a\\u0000b"}'
+    assert "NUL" in _error(api.client.post(url, content=nul, headers=json_headers), 400)["message"]
+    big = b'{"url": "echo", "data": "' + b"x" * 1_100_000 + b'"}'
+    _error(api.client.post(url, content=big, headers=json_headers), 413)
+    assert upstream.count() == 0
+    # and a body just inside the limits goes through
+    shallow: Any = "x"
+    for _ in range(20):
+        shallow = [shallow]
+    r = api.client.post(url, json={"url": "echo", "method": "POST", "data": shallow}, headers=alice)
+    assert r.status_code == 200, r.text
+    assert upstream.count() == 1

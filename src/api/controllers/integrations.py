@@ -20,7 +20,7 @@ from api.controllers.common import (
     write_response,
 )
 from api.services import Services
-from commands.messages import IntegrationBody
+from commands.messages import HeaderEntry, IntegrationBody
 from domain.access import AccessLevel, Actor
 
 Sort = Literal["name", "-name", "slug", "-slug", "createdAt", "-createdAt", "updatedAt", "-updatedAt"]
@@ -144,6 +144,49 @@ class IntegrationController(Controller):
         revoke_connections(services, actor, iid, "integration_deleted", only_stale=False)
         written = services.app.delete_integration(actor, iid, expected_version=expected)
         return write_response(services, actor, written, None, status=204)
+
+    @get(
+        "/integrations/{ident:str}/headers",
+        sync_to_thread=True,
+        summary="The integration's custom headers (secret values shown as {secret: true})",
+    )
+    def read_headers(
+        self,
+        services: NamedDependency[Services],
+        actor: NamedDependency[Actor],
+        ident: FromPath[str],
+        wait_for: WaitFor,
+    ) -> Response[Any]:
+        integration = services.app.integration_for(actor, resolve_integration(services, actor, ident, wait_for))
+        return Response(render.headers(integration.settings), headers={"ETag": render.etag(integration.version)})
+
+    @put(
+        "/integrations/{ident:str}/headers",
+        sync_to_thread=True,
+        summary="Replace the custom headers: template strings, or {value, secret: true} kept in the vault",
+    )
+    def replace_headers(
+        self,
+        services: NamedDependency[Services],
+        actor: NamedDependency[Actor],
+        ident: FromPath[str],
+        data: JSONBody[dict[str, HeaderEntry]],
+        if_match: IfMatch,
+    ) -> Response[Any]:
+        # The integration's update with only the headers given: one Updated event, same rules.
+        iid = resolve_integration(services, actor, ident)
+        expected = parse_if_match(if_match)
+        written = services.app.update_integration(
+            actor, iid, IntegrationBody(headers=data), partial=True, expected_version=expected
+        )
+        integration = written.value
+        return write_response(
+            services,
+            actor,
+            written,
+            render.headers(integration.settings),
+            headers={"ETag": render.etag(integration.version)},
+        )
 
     @get("/integrations/{ident:str}/history", sync_to_thread=True, summary="The integration's audit trail")
     def history(

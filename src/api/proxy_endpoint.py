@@ -1,0 +1,255 @@
+"""The proxy's two routes served at the ASGI level, inside Litestar's routing (ADR 0013).
+
+The routes are declared as ordinary Litestar handlers (so routing, the OpenAPI document, the
+authentication middleware and the error handlers apply as everywhere), but each carries this
+middleware last in its stack, and the middleware answers the request itself: the handler
+function behind it is never called. That skips what Litestar does per request between its
+middleware and a handler (the request object, the signature model and its kwargs, the response
+object and its conversion to ASGI messages), which was the largest share of a proxied call's
+CPU after the upstream call itself (``bench/proxy.py``).
+
+What the skipped layer did and the proxy needs is done here, from the same functions: the
+``before_request`` input checks (:func:`api.guards.check_raw`, :func:`api.guards.check_body`),
+the body size limit (413) and the JSON decoding of ``POST /request`` (400 with details, as
+Litestar's own decoding answers). Errors raised here are rendered by the error handlers of
+:mod:`api.errors` like any handler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Litestar, Request
+from litestar.exceptions import ValidationException
+from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
+from msgspec import Meta
+
+from api import proxy
+from api.errors import ApiError
+from api.guards import MAX_JSON_DEPTH, check_depth, check_nul, check_raw, too_deep
+from api.services import Services
+from domain.errors import ValidationFailed, field_error
+from domain.paths import PathRejected
+
+ParamValue = str | int | float | bool | None | list[str | int | float | bool | None]
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+
+
+class ProxyRequestBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/integrations/{id}/request`` (axios-style)."""
+
+    url: Annotated[str, Meta(max_length=8192)] = ""
+    method: Annotated[str, Meta(max_length=16)] = "GET"
+    params: Annotated[dict[str, ParamValue], Meta(max_length=200)] | None = None
+    data: Any = None
+    headers: Annotated[dict[str, str], Meta(max_length=100)] | None = None
+
+
+def encode_data(data: Any, headers: dict[str, str]) -> bytes | None:
+    """axios' rules: a string goes as is, anything else as JSON, or form-encoded when the caller's
+    Content-Type says so."""
+    if data is None:
+        return None
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    if isinstance(data, str):
+        if content_type is None:
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+        return data.encode()
+    if content_type and content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        if not isinstance(data, dict):
+            raise ValidationFailed("A form-encoded body must be an object.", [field_error("data", "not an object")])
+        import httpx
+
+        return str(httpx.QueryParams({k: "" if v is None else str(v) for k, v in data.items()})).encode()
+    if content_type is None:
+        headers["Content-Type"] = "application/json"
+    return msgspec.json.encode(data)
+
+
+class ClientDisconnected(Exception):
+    """The caller went away while its request body was being read."""
+
+
+async def _read_body(receive: Receive, limit: int | None) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise ApiError(413, "The request body is too large.")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+class _StreamedBody:
+    """The request body as a one-shot async iterator (constant memory), and whether it ended."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self.done:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            self.done = not message.get("more_body", False)
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+
+
+def raw_proxy_target(scope: Scope) -> str:
+    """The part of the raw request target after ``/proxy/`` (+ ``?query``), undecoded: the decoded
+    path Litestar routes on has already turned ``%2e%2e`` into ``..`` and ``%2F`` into ``/``, and
+    the upstream must see exactly what the confinement rules checked."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
+    text = text.partition("?")[0]  # some servers (httpx's ASGI transport) leave the query in raw_path
+    parts = text.split("/", 4)  # "", "api", "integrations", <ident>, "proxy/<rest>"
+    if len(parts) < 5 or not (parts[4] == "proxy" or parts[4].startswith("proxy/")):
+        raise PathRejected("the request path is malformed")
+    rest = parts[4][len("proxy/") :] if parts[4].startswith("proxy/") else ""
+    query = scope.get("query_string") or b""
+    if query:
+        rest += "?" + query.decode("latin-1")
+    return rest
+
+
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+
+
+class ProxyEndpoint:
+    """Route middleware that serves ``/proxy/{path}`` (``kind="pass_through"``) or ``POST /request``
+    (``kind="request"``) directly; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, kind: str) -> None:
+        self.app = app  # the declared handler: never called
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        litestar_app = Litestar.from_scope(scope)
+        services: Services = litestar_app.state.services
+        check_raw(scope)
+        ident = scope["path_params"]["ident"]
+        body: _StreamedBody | None = None
+        try:
+            if self.kind == "request":
+                call = await self._request_call(services, scope, receive, ident)
+            else:
+                call, body = await self._pass_through_call(services, scope, receive, ident)
+            answer = await proxy.forward(services, scope["user"], call)
+        except ClientDisconnected:
+            return  # nobody to answer
+        if answer.stream is None:
+            await _send_whole(answer, send)
+        elif body is not None and not body.done:
+            # The upload still owns ``receive``: relay without watching for a disconnect (the
+            # relay's own deadline bounds it).
+            await _send_stream_plain(answer, send)
+        else:
+            # Litestar's streaming response, which also stops relaying when the caller goes away.
+            stream = Stream(
+                answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer)
+            )
+            request: Request[Any, Any, Any] = Request(scope, receive, send)
+            asgi = stream.to_asgi_response(app=None, request=request, is_head_response=scope["method"] == "HEAD")
+            await asgi(scope, receive, send)
+
+    async def _request_call(self, services: Services, scope: Scope, receive: Receive, ident: str) -> proxy.Call:
+        raw = await _read_body(receive, services.config.max_body_bytes)
+        check_nul(raw)
+        try:
+            data = msgspec.json.decode(raw, type=ProxyRequestBody)
+        except msgspec.ValidationError as e:
+            raise ValidationException(detail=str(e)[:300], extra=[{"message": str(e)[:300], "key": "body"}]) from None
+        except msgspec.DecodeError:
+            raise ValidationException(detail="The request body is not valid JSON.") from None
+        except RecursionError:
+            raise too_deep() from None
+        if data.data is not None:
+            check_depth(data.data, MAX_JSON_DEPTH - 1)  # the rest of the body is flat by its type
+        headers = dict(data.headers or {})
+        for name, value in headers.items():
+            proxy.check_caller_header(name, value)
+        content = encode_data(data.data, headers)
+        return proxy.Call(
+            ident=ident,
+            method=data.method,
+            relative=data.url,
+            params=data.params,
+            headers=headers.items(),
+            body=proxy.Body(content, len(content) if content is not None else None),
+        )
+
+    async def _pass_through_call(
+        self, services: Services, scope: Scope, receive: Receive, ident: str
+    ) -> tuple[proxy.Call, _StreamedBody | None]:
+        method = scope["method"]
+        if method not in proxy.METHODS:
+            raise proxy.method_refused(method)
+        relative = raw_proxy_target(scope)
+        headers = _headers(scope)
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                length = int(value) if value.isdigit() else None
+            elif lower == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        streamed: _StreamedBody | None = None
+        if length is None and not chunked:
+            body = proxy.Body(None)
+        elif length is not None and length <= services.proxy.replay_buffer_bytes:
+            content = await _read_body(receive, None)  # small: buffered, so a 401 can be replayed
+            body = proxy.Body(content, len(content))
+        else:
+            streamed = _StreamedBody(receive)
+            body = proxy.Body(streamed.chunks(), length)
+        return proxy.Call(
+            ident=ident, method=method, relative=relative, params=None, headers=headers, body=body
+        ), streamed
+
+
+def _media_type(answer: proxy.Answer) -> str:
+    return answer.headers.get("content-type") or DEFAULT_MEDIA_TYPE
+
+
+def _encoded(answer: proxy.Answer) -> list[tuple[bytes, bytes]]:
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    if "content-type" not in answer.headers:
+        out.append((b"content-type", DEFAULT_MEDIA_TYPE.encode()))
+    return out
+
+
+async def _send_whole(answer: proxy.Answer, send: Send) -> None:
+    content = answer.content or b""
+    headers = _encoded(answer)
+    headers.append((b"content-length", str(len(content)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": content, "more_body": False})
+
+
+async def _send_stream_plain(answer: proxy.Answer, send: Send) -> None:
+    iterator = answer.stream
+    assert iterator is not None
+    try:
+        await send({"type": "http.response.start", "status": answer.status, "headers": _encoded(answer)})
+        async for chunk in iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
