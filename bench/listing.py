@@ -11,7 +11,8 @@ What it does, in a fresh schema of the PostgreSQL server (dropped at the end unl
    about 20 teams who sees a few thousand integrations, and one in a single team.
 2. Times the batched blue/green rebuild of the read models (``cli.runtime.rebuild_projections``)
    beside a raw ``select_notifications`` (+ ``mapper.to_domain_event``) read of the same log.
-3. Starts the real server (``integrations serve``, one uvicorn worker, inline projections) and
+3. Starts the real server (``integrations serve``, one uvicorn worker and inline projections, or
+   ``--workers N`` and an ``integrations projections run`` process) and
    measures ``GET /api/integrations`` with wrk (fixed duration per case) beside the same page
    through the view in-process and as raw SQL with psycopg.
 4. Measures ``POST /api/integrations`` with wrk beside a bare eventsourcing aggregate create+save.
@@ -569,8 +570,10 @@ class Load:
 
 @contextlib.contextmanager
 def server(
-    settings: Settings, admin_token: str, workdir: Path, log_path: Path, projections: str = "inline"
+    settings: Settings, admin_token: str, workdir: Path, log_path: Path, projections: str = "inline", workers: int = 1
 ) -> Iterator[tuple[str, int]]:
+    """``integrations serve``; with ``workers`` > 1, ``serve --workers N`` and the read models in
+    their own ``integrations projections run`` process, as in production."""
     assert settings.postgres is not None
     pg = settings.postgres
     port = free_port()
@@ -582,16 +585,33 @@ def server(
         INTEGRATIONS_ADMIN_TOKEN=admin_token,
         INTEGRATIONS_DATA_DIR=str(workdir / "data"),
         INTEGRATIONS_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        INTEGRATIONS_PROJECTIONS=projections,
+        INTEGRATIONS_PROJECTIONS="external" if workers > 1 else projections,
     )
     if pg.password:
         env["PGPASSWORD"] = pg.password
     exe = ROOT / ".venv" / "bin" / "integrations"
-    cmd = [str(exe) if exe.exists() else "integrations", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    out = open(log_path, "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    integrations = str(exe) if exe.exists() else "integrations"
+    cmd = [integrations, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
+    outs = []
     base = f"http://127.0.0.1:{port}"
     try:
+        if workers > 1:
+            outs.append(open(log_path.with_name("projections.log"), "w"))  # noqa: SIM115 (closed below)
+            procs.append(
+                subprocess.Popen(
+                    [integrations, "projections", "run"],
+                    env=env,
+                    stdout=outs[-1],
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                )
+            )
+        outs.append(open(log_path, "w"))  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(cmd, env=env, stdout=outs[-1], stderr=subprocess.STDOUT, cwd=workdir)
+        procs.append(proc)
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
@@ -605,13 +625,15 @@ def server(
             time.sleep(0.5)
         yield base, proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        out.close()
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        for out in outs:
+            out.close()
 
 
 # ============================================================================ profiling (--profile)
@@ -930,6 +952,12 @@ def main() -> int:
         help="the server's INTEGRATIONS_PROJECTIONS (external: no read-model workers run; POSTs are not projected)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve --workers N; with N > 1 the read models run in an `integrations projections run` process",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="after the timed cases, profile GET and POST with py-spy"
     )
     parser.add_argument(
@@ -1110,9 +1138,13 @@ def run(
         get_conc = [int(c) for c in args.get_concurrency.split(",") if c]
         post_conc = [int(c) for c in args.post_concurrency.split(",") if c]
 
-        with server(settings, admin_token, workdir, server_log, args.projections) as (base, pid):
+        with server(settings, admin_token, workdir, server_log, args.projections, args.workers) as (base, pid):
             load.base = base
-            results["server"] = {"pid": pid, "workers": 1, "projections": args.projections}
+            results["server"] = {
+                "pid": pid,
+                "workers": args.workers,
+                "projections": "external (integrations projections run)" if args.workers > 1 else args.projections,
+            }
             log(f"server ready at {base} (pid {pid})")
             get_rows = []
             for case in cases:
@@ -1343,7 +1375,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"Callers: typical `{tu['id']}` in {tu['teams']} teams sees {tu['visible']:,} integrations "
             f"(`{COMMON_Q}` matches {tu.get('listing_totals', {}).get(COMMON_Q, '?')}, `{RARE_Q}` "
             f"{tu.get('listing_totals', {}).get(RARE_Q, '?')}); `{fu['id']}` in {fu['teams']} team(s) sees "
-            f"{fu['visible']:,}. Load generator: {results.get('load_tool')}; one uvicorn worker, "
+            f"{fu['visible']:,}. Load generator: {results.get('load_tool')}; "
+            f"{results.get('server', {}).get('workers', 1)} uvicorn worker(s), "
             f"{results.get('server', {}).get('projections', 'inline')} projections.",
             "",
         ]

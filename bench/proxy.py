@@ -257,7 +257,6 @@ def server(args: argparse.Namespace, workdir: Path, store_env: dict[str, str]) -
     integrations = str(exe) if exe.exists() else "integrations"
     cmd = [
         integrations,
-        *(["--log-level", os.environ["BENCH_LOG_LEVEL"]] if os.environ.get("BENCH_LOG_LEVEL") else []),
         "serve",
         "--host",
         "127.0.0.1",

@@ -43,6 +43,21 @@ class SecretsVault(Protocol):
         """Destroy the owner's data key and every secret sealed under it (crypto-shredding)."""
         ...
 
+    def prepare_new_owner(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> PreparedSeal | None:
+        """The seal of a new owner's first secrets, encrypted now and written later inside the
+        event store's own transaction (``co_writes`` of a save, ADR 0014); ``None`` when this
+        vault cannot share that transaction (then :meth:`seal_many` before the save)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PreparedSeal:
+    """What :meth:`SecretsVault.prepare_new_owner` made: the references for the events, and an
+    opaque write for the event store's recorder (it commits with the events or not at all)."""
+
+    refs: dict[str, SecretRef]
+    write: Any
+
 
 class PasswordHasher(Protocol):
     def hash(self, password: str) -> str: ...

@@ -24,7 +24,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
 from commands.messages import IntegrationBody, OwnerBody, UserBody, given, split_integration_body
-from commands.ports import PasswordHasher, SecretRef, SecretsVault
+from commands.ports import PasswordHasher, PreparedSeal, SecretRef, SecretsVault
 from domain import settings as rules
 from domain.access import (
     AccessLevel,
@@ -118,8 +118,8 @@ class IntegrationsApp(Application[UUID]):
                     time.sleep(random.uniform(0.002, 0.02) * n)
         raise AssertionError("unreachable")
 
-    def _store(self, *aggregates: Aggregate) -> int | None:
-        recordings = self.save(*aggregates)
+    def _store(self, *aggregates: Aggregate, co_writes: list[Any] | None = None) -> int | None:
+        recordings = self.save(*aggregates, co_writes=co_writes) if co_writes else self.save(*aggregates)
         return recordings[-1].notification.id if recordings else None
 
     def _get(self, aggregate_id: UUID, cls: type[A]) -> A | None:
@@ -177,7 +177,11 @@ class IntegrationsApp(Application[UUID]):
         _check_slug(slug)
         rules.check(settings, plain, self.url_policy)
         integration_id = uuid4()
-        refs = self._seal_all(integration_id, plain)
+        # On PostgreSQL the secrets are written in the save's own transaction (ADR 0014); on a
+        # store that cannot share it, sealed first (ADR 0003: the event only ever follows them).
+        prepared = self._prepare_seal(integration_id, plain)
+        refs = {f: dict(r) for f, r in prepared.refs.items()} if prepared else self._seal_all(integration_id, plain)
+        co_writes = [prepared.write] if prepared else []
 
         tries = 0
 
@@ -193,13 +197,13 @@ class IntegrationsApp(Application[UUID]):
                 else self._claim(SLUG, key, integration_id)
             )
             integration = Integration.new(integration_id, owner_id=owner_id, slug=slug, settings=settings, secrets=refs)
-            return Written(integration, self._store(integration, index))
+            return Written(integration, self._store(integration, index, co_writes=co_writes))
 
         try:
             return self._run(actor.id, attempt)
         except BaseException:
-            if refs:
-                self.vault.shred(integration_id)  # nothing references them
+            if refs and not prepared:
+                self.vault.shred(integration_id)  # sealed beforehand, and nothing references them
             raise
 
     def update_integration(
@@ -354,6 +358,13 @@ class IntegrationsApp(Application[UUID]):
             user = self._get(user_aggregate_id(principal_id), User)
             if user is None or user.removed:
                 raise NotFound(f"Unknown principal '{principal_id}'.")
+
+    def _prepare_seal(self, owner: UUID, plaintexts: dict[str, str]) -> PreparedSeal | None:
+        """A new owner's seal to write with the save, when both the vault and the event store's
+        recorder can share one transaction; else ``None``."""
+        if not plaintexts or not getattr(self.recorder, "accepts_co_writes", False):
+            return None
+        return self.vault.prepare_new_owner(owner, plaintexts)
 
     def _seal_all(self, owner: UUID, plaintexts: dict[str, str]) -> dict[str, dict[str, str]]:
         if not plaintexts:

@@ -11,6 +11,7 @@ from infrastructure.settings import Settings
 
 APP_NAME = "integrations"
 _RECORDER = "infrastructure.sqlite_recorder:PollingSQLiteApplicationRecorder"
+_PG_RECORDER = "infrastructure.pg_recorder:OneStatementPostgresApplicationRecorder"
 
 
 def _store_keys(settings: Settings, prefix: str, sqlite_file: str, *, pool: tuple[int, int] = (1, 4)) -> dict[str, str]:
@@ -46,8 +47,8 @@ def _store_keys(settings: Settings, prefix: str, sqlite_file: str, *, pool: tupl
 
 def application_env(settings: Settings) -> dict[str, str]:
     env = _store_keys(settings, APP_NAME, "events.sqlite", pool=(2, 18))
-    if settings.postgres is None:
-        env[APP_NAME.upper() + "_APPLICATION_RECORDER_TOPIC"] = _RECORDER
+    recorder = _RECORDER if settings.postgres is None else _PG_RECORDER
+    env[APP_NAME.upper() + "_APPLICATION_RECORDER_TOPIC"] = recorder
     return env
 
 

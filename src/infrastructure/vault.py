@@ -30,7 +30,7 @@ from uuid import UUID, uuid4
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from commands.ports import SecretRef, VaultError
+from commands.ports import PreparedSeal, SecretRef, VaultError
 from infrastructure.keyring import Keyring
 from infrastructure.settings import PostgresConfig, Settings
 
@@ -89,6 +89,14 @@ _PG_SEAL_NEW_OWNER = """WITH new_key AS (
     SELECT (SELECT count(*) FROM sealed) AS sealed,
         (SELECT wrapped_dek FROM {keys} WHERE owner_id = %s) AS existing,
         set_config('synchronous_commit', 'off', true) AS async_commit"""
+# A new owner's key and first secrets as one statement inside the event store's transaction
+# (PreparedSeal, ADR 0014): no ON CONFLICT, an existing owner makes the whole save fail.
+_PG_SEAL_WITH_EVENTS = """WITH new_key AS (
+        INSERT INTO {keys} (owner_id, kid, wrapped_dek) VALUES (%s, %s, %s) RETURNING owner_id
+    )
+    INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
+    SELECT s.ref, k.owner_id, s.field, s.ciphertext
+    FROM new_key k, unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext)"""
 _PG_SEAL_EXISTING_OWNER = """INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
     SELECT s.ref, %s, s.field, s.ciphertext
     FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext),
@@ -155,6 +163,14 @@ def _valid_ref(ref: object) -> bool:
     return isinstance(ref, str) and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
 
 
+def _check_plaintexts(plaintexts: Mapping[str, str]) -> None:
+    for field, plaintext in plaintexts.items():
+        if not isinstance(field, str) or not field:
+            raise VaultError("a secret needs a field name")
+        if not isinstance(plaintext, str):
+            raise VaultError("a secret must be a string")
+
+
 def _columns(rows: list[tuple[str, str, bytes]]) -> list[list[Any]]:
     """Rows (ref, field, blob) as three arrays, for ``unnest``."""
     return [[r[i] for r in rows] for i in range(3)]
@@ -215,11 +231,7 @@ class EnvelopeVault(ABC):
     def seal_many(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> dict[str, SecretRef]:
         """Seal several fields of one owner in one transaction (one commit, data key included)."""
         owner = _owner(owner_id)
-        for field, plaintext in plaintexts.items():
-            if not isinstance(field, str) or not field:
-                raise VaultError("a secret needs a field name")
-            if not isinstance(plaintext, str):
-                raise VaultError("a secret must be a string")
+        _check_plaintexts(plaintexts)
         for _ in range(_SEAL_ATTEMPTS):
             try:
                 refs = self._seal(owner, plaintexts)
@@ -271,6 +283,11 @@ class EnvelopeVault(ABC):
         with self._transaction(write=True) as conn:
             for ref in refs:
                 conn.execute(self._dialect.render(_DISCARD_SEALED), (owner, ref))
+
+    def prepare_new_owner(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> PreparedSeal | None:
+        """Not supported by default: the vault's store is not the event store's (SQLite: another
+        file). :class:`PostgresVault` shares the event store's server and supports it."""
+        return None
 
     def shred(self, owner_id: UUID) -> None:
         owner = _owner(owner_id)
@@ -474,6 +491,19 @@ class PostgresVault(EnvelopeVault):
             refs, rows = _encrypt(self.keyring.unwrap(bytes(existing), aad), owner, plaintexts)
             conn.execute(self._dialect.render(_PG_SEAL_EXISTING_OWNER), (owner, *_columns(rows)))
         return refs
+
+    def prepare_new_owner(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> PreparedSeal | None:
+        """A new owner's data key and secrets, encrypted here, as one statement for the event
+        store's recorder to run in the save's own transaction: the secrets commit with the event
+        that references them, or not at all (``infrastructure.pg_recorder``). Needs the event store
+        on the same server and schema, which ``open_vault`` and the application share."""
+        owner = _owner(owner_id)
+        _check_plaintexts(plaintexts)
+        dek = AESGCM.generate_key(bit_length=DEK_BYTES * 8)
+        refs, rows = _encrypt(dek, owner, plaintexts)
+        wrapped = self.keyring.wrap(dek, _dek_aad(owner))
+        params = (owner, self.keyring.active_kid, wrapped, *_columns(rows))
+        return PreparedSeal(refs=refs, write=(self._dialect.render(_PG_SEAL_WITH_EVENTS), params))
 
     def _create_tables(self) -> None:
         # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalogue; serialise it.

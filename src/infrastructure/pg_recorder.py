@@ -1,0 +1,85 @@
+"""The event store's PostgreSQL recorder: one statement per save (ADR 0014).
+
+eventsourcing 9.5.6's ``PostgresApplicationRecorder`` writes a save as a pipeline of six
+statements in an explicit transaction: ``BEGIN``, ``SET LOCAL lock_timeout``, ``LOCK TABLE ... IN
+EXCLUSIVE MODE``, ``NOTIFY``, the ``INSERT ... RETURNING notification_id``, then a sync and a
+``COMMIT``. Each statement costs Python CPU in psycopg, and the two syncs cost two round trips.
+Its alternative, ``POSTGRES_ENABLE_DB_FUNCTIONS``, calls one function per save but that function
+does not lock the table, so notification ids could commit out of order and a subscriber could
+skip an event that commits late.
+
+This recorder calls one function per save that does all of it, the table lock included, in the
+statement's own transaction: the same rows, the same ordering guarantee (ids are assigned and
+committed in lock order), the same ``NOTIFY`` for the subscriptions, one statement and one round
+trip. A unique violation (a concurrent write of the same aggregate version) still surfaces as
+eventsourcing's ``IntegrityError`` through the datastore's error mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
+from psycopg.sql import SQL, Identifier
+
+
+class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        function = f"integrations_insert_events_{datastore.originator_id_type}"
+        self.check_identifier_length(function)
+        self._function = function
+        self._invoke = SQL("SELECT * FROM {schema}.{function}((%s))").format(
+            schema=Identifier(datastore.schema), function=Identifier(function)
+        )
+        # Replaces the library's function (which does not lock the table) in the DDL run at start.
+        self.sql_create_statements[self.create_insert_function_statement_index] = SQL(
+            "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event}[]) "
+            "RETURNS SETOF bigint "
+            "LANGUAGE plpgsql "
+            "AS $BODY$ "
+            "BEGIN "
+            "    SET LOCAL lock_timeout = '{lock_timeout}s'; "
+            "    LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+            "    NOTIFY {channel}; "
+            "    RETURN QUERY "
+            "    INSERT INTO {schema}.{table} AS t (originator_id, originator_version, topic, state) "
+            "    SELECT originator_id, originator_version, topic, state FROM unnest(events) "
+            "    RETURNING notification_id; "
+            "END; "
+            "$BODY$"
+        ).format(
+            schema=Identifier(datastore.schema),
+            function=Identifier(function),
+            event=Identifier(self.stored_event_type_name),
+            lock_timeout=datastore.lock_timeout,
+            table=Identifier(self.events_table_name),
+            channel=Identifier(self.channel_name),
+        )
+
+    accepts_co_writes = True  # commands.service: a vault seal can ride in a save's transaction
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], *, co_writes: Sequence[Any] = (), **kwargs: Any
+    ) -> Sequence[int] | None:
+        """``co_writes``: ``(statement, params)`` pairs (a new owner's vault seal) committed in the
+        same transaction as the events, before them; one round trip either way."""
+        if not stored_events:
+            return []
+        rows = [
+            self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
+            for e in stored_events
+        ]
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            if not co_writes:
+                curs.execute(self._invoke, (rows,), prepare=True)
+            else:
+                with conn.pipeline(), conn.transaction():
+                    for statement, params in co_writes:
+                        conn.execute(statement, params, prepare=True)
+                    curs.execute(self._invoke, (rows,), prepare=True)
+            return [row[self._function] for row in curs.fetchall()]
