@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
@@ -117,6 +117,24 @@ class IntegrationsApp(Application[UUID]):
                         raise Conflict("The resource was changed concurrently; try again.") from e
                     time.sleep(random.uniform(0.002, 0.02) * n)
         raise AssertionError("unreachable")
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """``Application.save`` for our aggregates, without its two ``isinstance`` checks per object
+        against runtime-checkable protocols (``DomainEventProtocol``, ``CollectEventsProtocol``):
+        on Python 3.11 each walks the protocol's attributes, about a tenth of a create's CPU.
+        Anything else (a bare event, ``None``) takes the library's own path."""
+        if not objs or not all(isinstance(obj, Aggregate) for obj in objs):
+            return super().save(*objs, **kwargs)
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent()
+        for obj in objs:
+            processing_event.events.extend(obj.collect_events())
+            processing_event.aggregates[obj.id] = obj
+        processing_event.saved_kwargs.update(kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        self.notify(processing_event.events)  # the library's deprecated hook, as it calls it
+        return recordings
 
     def _store(self, *aggregates: Aggregate, co_writes: list[Any] | None = None) -> int | None:
         recordings = self.save(*aggregates, co_writes=co_writes) if co_writes else self.save(*aggregates)

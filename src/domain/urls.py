@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 URL_MAX = 2048
+_PLAIN = re.compile(r"[!-~]*")  # printable ASCII, no space: the common case in one match
 
 
 @dataclass(frozen=True)
@@ -16,7 +18,7 @@ class UrlPolicy:
         """Why ``value`` is not acceptable, or ``None``."""
         if len(value) > URL_MAX:
             return f"must be at most {URL_MAX} characters"
-        if any(c.isspace() or not c.isprintable() for c in value):
+        if not _PLAIN.fullmatch(value) and any(c.isspace() or not c.isprintable() for c in value):
             return "must not contain whitespace or control characters"
         try:
             parts = urlsplit(value)

@@ -32,12 +32,13 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
         function = f"integrations_insert_events_{datastore.originator_id_type}"
         self.check_identifier_length(function)
         self._function = function
-        self._invoke = SQL("SELECT * FROM {schema}.{function}((%s))").format(
+        self._invoke = SQL("SELECT * FROM {schema}.{function}(%s, %s, %s, %s)").format(
             schema=Identifier(datastore.schema), function=Identifier(function)
         )
         # Replaces the library's function (which does not lock the table) in the DDL run at start.
         self.sql_create_statements[self.create_insert_function_statement_index] = SQL(
-            "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event}[]) "
+            "CREATE OR REPLACE FUNCTION {schema}.{function}("
+            "ids {id_type}[], versions bigint[], topics text[], states bytea[]) "
             "RETURNS SETOF bigint "
             "LANGUAGE plpgsql "
             "AS $BODY$ "
@@ -47,14 +48,14 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
             "    NOTIFY {channel}; "
             "    RETURN QUERY "
             "    INSERT INTO {schema}.{table} AS t (originator_id, originator_version, topic, state) "
-            "    SELECT originator_id, originator_version, topic, state FROM unnest(events) "
+            "    SELECT * FROM unnest(ids, versions, topics, states) "
             "    RETURNING notification_id; "
             "END; "
             "$BODY$"
         ).format(
             schema=Identifier(datastore.schema),
             function=Identifier(function),
-            event=Identifier(self.stored_event_type_name),
+            id_type=Identifier(datastore.originator_id_type),
             lock_timeout=datastore.lock_timeout,
             table=Identifier(self.events_table_name),
             channel=Identifier(self.channel_name),
@@ -70,16 +71,20 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
         same transaction as the events, before them; one round trip either way."""
         if not stored_events:
             return []
-        rows = [
-            self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
-            for e in stored_events
-        ]
+        # Four plain arrays, not an array of the composite type: psycopg dumps those natively,
+        # a composite row by row in Python.
+        columns = (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+        )
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             if not co_writes:
-                curs.execute(self._invoke, (rows,), prepare=True)
+                curs.execute(self._invoke, columns, prepare=True)
             else:
                 with conn.pipeline(), conn.transaction():
                     for statement, params in co_writes:
                         conn.execute(statement, params, prepare=True)
-                    curs.execute(self._invoke, (rows,), prepare=True)
+                    curs.execute(self._invoke, columns, prepare=True)
             return [row[self._function] for row in curs.fetchall()]

@@ -25,6 +25,12 @@ def provide_services(state: State) -> Services:
     return state.services
 
 
+def services_of(request: Request[Any, Any, State]) -> Services:
+    """The services without the dependency machinery (for hot routes; see their comments)."""
+    services: Services = request.app.state.services
+    return services
+
+
 def provide_actor(request: Request[Actor, Any, State], services: NamedDependency[Services]) -> Actor:
     """``services`` is unused but makes this dependency follow that one: Litestar resolves
     independent dependencies of a handler concurrently, in an anyio task group of one task each,
