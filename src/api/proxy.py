@@ -116,8 +116,9 @@ class Call:
 @dataclass
 class Answer:
     """What goes back to the caller: the upstream's status and filtered headers (lower-case names,
-    ``content-type`` included when the upstream sent one), and either the whole body (``content``)
-    or a one-shot relay of it (``stream``)."""
+    ``content-type`` included when the upstream sent one), and either the whole body (``content``),
+    a one-shot relay of it (``stream``), or neither: no body at all (HEAD, 204, 304), the headers
+    as the upstream sent them."""
 
     status: int
     headers: dict[str, str]
@@ -369,14 +370,13 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
                     raise ApiError(
                         502, "The upstream response is larger than this integration allows.", code="upstream_too_large"
                     )
-                if (
-                    length is not None
-                    and length.isdigit()
-                    and int(length) <= SMALL_BODY_BYTES
-                    and method != "HEAD"
-                    and response.status_code >= 200
-                    and response.status_code not in (204, 304)
-                ):
+                if method == "HEAD" or response.status_code < 200 or response.status_code in (204, 304):
+                    # No body follows (RFC 9110 §6.4.1): the headers go back as they are, the
+                    # upstream's Content-Length included, and the slot and connection are freed now.
+                    release()
+                    await response.aclose()
+                    return Answer(response.status_code, out_headers, None)
+                if length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES:
                     # A small body with a declared length (most API answers) is read here and sent
                     # in one piece: no streaming task per response, and a failure while reading is
                     # still a clean 502/504 rather than a cut stream. Memory stays bounded by

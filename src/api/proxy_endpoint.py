@@ -151,7 +151,9 @@ class ProxyEndpoint:
             answer = await proxy.forward(services, scope["user"], call)
         except ClientDisconnected:
             return  # nobody to answer
-        if answer.stream is None:
+        if answer.stream is None and answer.content is None:
+            await _send_headers_only(answer, send)
+        elif answer.stream is None:
             await _send_whole(answer, send)
         elif body is not None and not body.done:
             # The upload still owns ``receive``: relay without watching for a disconnect (the
@@ -239,6 +241,13 @@ async def _send_whole(answer: proxy.Answer, send: Send) -> None:
     headers.append((b"content-length", str(len(content)).encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": content, "more_body": False})
+
+
+async def _send_headers_only(answer: proxy.Answer, send: Send) -> None:
+    """No body (HEAD, 204, 304): the upstream's headers, its Content-Length included, as they are."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _send_stream_plain(answer: proxy.Answer, send: Send) -> None:

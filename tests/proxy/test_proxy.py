@@ -4,6 +4,7 @@ type, header hygiene, custom headers, limits and access."""
 from __future__ import annotations
 
 import base64
+import uuid
 from typing import Any
 
 from tests.api.conftest import Api
@@ -165,6 +166,22 @@ def test_head_and_query_passthrough(api: Api, upstream: Upstream) -> None:
     r = api.client.get(f"/api/integrations/{iid}/proxy/echo/a%20b/@me?filter[x]=1&y=%2F", headers=alice)
     assert r.status_code == 200, r.text
     assert upstream.last().target == "/v1/echo/a%20b/@me?filter[x]=1&y=%2F"
+
+
+def test_answers_without_a_body_free_their_slot_at_once(api: Api, upstream: Upstream) -> None:
+    """HEAD, 204 and 304 have no body to relay: the upstream's headers come back as they are (its
+    Content-Length included) and the bulkhead slots are free again when the answer is out."""
+    alice = api.user("alice")
+    iid = apikey(api, alice, upstream)["id"]
+    for _ in range(3):
+        r = api.client.head(f"/api/integrations/{iid}/proxy/binary?n=4", headers=alice)
+        assert r.status_code == 200 and r.content == b""
+        assert r.headers["content-length"] == "1024"  # what a GET would carry
+        assert r.headers["x-content-type-options"] == "nosniff"
+    r = api.client.get(f"/api/integrations/{iid}/proxy/status/204", headers=alice)
+    assert r.status_code == 204 and r.content == b""
+    bulkhead = api.runtime.services.bulkhead
+    assert bulkhead.active(uuid.UUID(iid)) == 0 and bulkhead.active("alice") == 0
 
 
 def test_custom_headers_expand_per_caller_on_a_shared_connection(api: Api, upstream: Upstream) -> None:
