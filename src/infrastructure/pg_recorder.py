@@ -23,7 +23,7 @@ from typing import Any
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 
 class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
@@ -32,6 +32,7 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
         function = f"integrations_insert_events_{datastore.originator_id_type}"
         self.check_identifier_length(function)
         self._function = function
+        self._with_cache: dict[tuple[str, ...], Composed] = {}
         self._invoke = SQL("SELECT * FROM {schema}.{function}(%s, %s, %s, %s)").format(
             schema=Identifier(datastore.schema), function=Identifier(function)
         )
@@ -67,8 +68,8 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], *, co_writes: Sequence[Any] = (), **kwargs: Any
     ) -> Sequence[int] | None:
-        """``co_writes``: ``(statement, params)`` pairs (a new owner's vault seal) committed in the
-        same transaction as the events, before them; one round trip either way."""
+        """``co_writes``: ``(common table expressions, params)`` pairs (a new owner's vault seal)
+        put in front of the save statement, so they commit with the events or not at all."""
         if not stored_events:
             return []
         # Four plain arrays, not an array of the composite type: psycopg dumps those natively,
@@ -79,12 +80,26 @@ class OneStatementPostgresApplicationRecorder(PostgresApplicationRecorder):
             [e.topic for e in stored_events],
             [e.state for e in stored_events],
         )
+        statement, params = self._invoke, columns
+        if co_writes:
+            statement, params = (
+                self._with(tuple(cte for cte, _ in co_writes)),
+                (
+                    *(p for _, cte_params in co_writes for p in cte_params),
+                    *columns,
+                ),
+            )
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            if not co_writes:
-                curs.execute(self._invoke, columns, prepare=True)
-            else:
-                with conn.pipeline(), conn.transaction():
-                    for statement, params in co_writes:
-                        conn.execute(statement, params, prepare=True)
-                    curs.execute(self._invoke, columns, prepare=True)
+            curs.execute(statement, params, prepare=True)
             return [row[self._function] for row in curs.fetchall()]
+
+    def _with(self, ctes: tuple[str, ...]) -> Composed:
+        """The save statement with ``ctes`` in front: one statement, so one implicit transaction
+        (data-modifying CTEs run exactly once, whether or not the main query reads them)."""
+        statement = self._with_cache.get(ctes)
+        if statement is None:
+            statement = self._with_cache[ctes] = SQL("WITH {ctes} {invoke}").format(
+                ctes=SQL(", ".join(ctes)),
+                invoke=self._invoke,  # type: ignore[arg-type]
+            )
+        return statement

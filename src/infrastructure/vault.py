@@ -89,14 +89,16 @@ _PG_SEAL_NEW_OWNER = """WITH new_key AS (
     SELECT (SELECT count(*) FROM sealed) AS sealed,
         (SELECT wrapped_dek FROM {keys} WHERE owner_id = %s) AS existing,
         set_config('synchronous_commit', 'off', true) AS async_commit"""
-# A new owner's key and first secrets as one statement inside the event store's transaction
-# (PreparedSeal, ADR 0014): no ON CONFLICT, an existing owner makes the whole save fail.
-_PG_SEAL_WITH_EVENTS = """WITH new_key AS (
+# A new owner's key and first secrets as common table expressions of the event store's own save
+# statement (PreparedSeal, ADR 0014): no ON CONFLICT, an existing owner makes the whole save fail.
+_PG_SEAL_WITH_EVENTS = """vault_new_key AS (
         INSERT INTO {keys} (owner_id, kid, wrapped_dek) VALUES (%s, %s, %s) RETURNING owner_id
-    )
-    INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
-    SELECT s.ref, k.owner_id, s.field, s.ciphertext
-    FROM new_key k, unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext)"""
+    ), vault_sealed AS (
+        INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
+        SELECT s.ref, k.owner_id, s.field, s.ciphertext
+        FROM vault_new_key k, unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext)
+        RETURNING 1
+    )"""
 _PG_SEAL_EXISTING_OWNER = """INSERT INTO {secrets} (ref, owner_id, field, ciphertext)
     SELECT s.ref, %s, s.field, s.ciphertext
     FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS s (ref, field, ciphertext),
@@ -493,10 +495,11 @@ class PostgresVault(EnvelopeVault):
         return refs
 
     def prepare_new_owner(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> PreparedSeal | None:
-        """A new owner's data key and secrets, encrypted here, as one statement for the event
-        store's recorder to run in the save's own transaction: the secrets commit with the event
-        that references them, or not at all (``infrastructure.pg_recorder``). Needs the event store
-        on the same server and schema, which ``open_vault`` and the application share."""
+        """A new owner's data key and secrets, encrypted here, as common table expressions (and
+        their parameters) for the event store's recorder to put in front of its own save
+        statement: the secrets commit with the event that references them, or not at all
+        (``infrastructure.pg_recorder``). Needs the event store on the same server and schema,
+        which ``open_vault`` and the application share."""
         owner = _owner(owner_id)
         _check_plaintexts(plaintexts)
         dek = AESGCM.generate_key(bit_length=DEK_BYTES * 8)
