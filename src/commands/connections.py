@@ -157,6 +157,9 @@ class Connections:
         self.clock = clock
         self._inflight: dict[UUID, asyncio.Task[Connection]] = {}
         self._tokens: dict[tuple[UUID, int], str] = {}  # (connection, generation) -> access token
+        # A provider's Retry-After for a revocation: no new attempt before then (in this process;
+        # a hint for the retry job, not state: a restart may retry once early).
+        self._revoke_not_before: dict[UUID, datetime] = {}
 
     async def aclose(self) -> None:
         close = getattr(self.oauth, "aclose", None)
@@ -578,7 +581,9 @@ class Connections:
             token = await asyncio.to_thread(self.app.vault.open, integration.id, _field(cid, hint), ref)
             client_secret = await asyncio.to_thread(self._client_secret, integration)
             await self.oauth.revoke(integration.settings, client_secret, token, hint)
-        except TransientError:
+        except TransientError as e:
+            if e.retry_after:
+                self._revoke_not_before[cid] = self.clock() + timedelta(seconds=e.retry_after)
             return "pending"
         except OAuthError as e:
             log.info("revocation refused for connection %s: %s", cid, e.error)
@@ -598,12 +603,17 @@ class Connections:
         if integration is None or integration.deleted:
             outcome = "abandoned"
         else:
+            revoked_at = datetime.fromisoformat(connection.modified_on.isoformat())
+            within_deadline = self.clock() - revoked_at < self.policy.revocation_deadline
+            not_before = self._revoke_not_before.get(cid)
+            if within_deadline and not_before is not None and self.clock() < not_before:
+                return "pending"  # the provider's Retry-After has not passed: no call
             issued_by = await asyncio.to_thread(self._as_issued, integration, connection)
             outcome = await self._provider_revoke(issued_by, cid, pending["hint"], pending["ref"])
-            revoked_at = datetime.fromisoformat(connection.modified_on.isoformat())
-            if outcome == "pending" and self.clock() - revoked_at < self.policy.revocation_deadline:
+            if outcome == "pending" and within_deadline:
                 return "pending"
             outcome = "abandoned" if outcome == "pending" else outcome
+        self._revoke_not_before.pop(cid, None)
 
         def attempt() -> int | None:
             fresh = self._connection(cid)

@@ -116,10 +116,19 @@ def test_disconnect_with_revocation_503_is_retried_later(
         run(service(api).credentials(alice, integration_of(api, alice, c.integration_id)), service(api))
 
     connections = service(api)
-    # still 503: stays pending, nothing settled
+    clock = Clock()
+    monkeypatch.setattr(connections, "clock", clock)
+    # within the provider's Retry-After (2 s): no new attempt at all
+    assert run(connections.retry_revocation(c.cid, 1), connections) == "pending"
+    assert c.revocations() == [(503, "refresh_token", "status")]
+    # past it, still 503: stays pending, nothing settled
+    clock.advance(seconds=3)
     assert run(connections.retry_revocation(c.cid, 1), connections) == "pending"
     assert event_names(api, c.cid)[-1] == "Revoked"
-    # the provider is back
+    # the provider is back (once its second Retry-After has passed)
+    assert run(connections.retry_revocation(c.cid, 2), connections) == "pending"
+    assert len(c.revocations()) == 2
+    clock.advance(seconds=3)
     assert run(connections.retry_revocation(c.cid, 2), connections) == "done"
     assert c.revocations() == [(503, "refresh_token", "status")] * 2 + [(200, "refresh_token", None)]
     assert event_names(api, c.cid)[-1] == "RevocationSettled"
