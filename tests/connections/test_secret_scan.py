@@ -20,6 +20,7 @@ import pytest
 from commands.service import token_hash
 from domain.authorization import pending_authorization_id
 from domain.oauth import TokenSet
+from infrastructure.oauth_client import MAX_RETRY_AFTER
 from tests.api.conftest import Api
 from tests.api.test_secret_scan import _dump_store
 from tests.connections.conftest import oauth_integration
@@ -176,6 +177,7 @@ def test_no_oauth_secret_in_store_logs_or_responses(
     assert keep(api.client.delete(f"/api/integrations/{iid}/connection", headers=alice)).status_code == 204
     op.faults(status=503, endpoint="revocation")
     assert keep(api.client.delete(f"/api/integrations/{iid}/connection", headers=bob)).status_code == 204
+    clock.advance(seconds=MAX_RETRY_AFTER + 1)  # past any Retry-After the provider sent
     assert run(connections.retry_revocation(cid_of(iid, "bob"), 1), connections) == "done"
     assert op.stats()["revocations"] == 3
 
