@@ -377,3 +377,22 @@ def test_seal_many_for_a_new_then_a_known_owner(vault: EnvelopeVault, raw: Raw) 
     # one data key: the fingerprint of equal plaintexts in one field is equal across the two seals
     assert vault.seal(owner, "api_key", "k1")["fingerprint"] == first["api_key"]["fingerprint"]
     assert vault.seal_many(uuid.uuid4(), {}) == {}
+
+
+def test_prune_shreds_owners_whose_secrets_are_all_of_one_field_and_old(vault: EnvelopeVault, raw: Raw) -> None:
+    """For pending authorizations: an owner holding only a PKCE verifier, sealed before the
+    cutoff, goes with its key; anything holding another field, or newer, stays."""
+    verifier_only, integration, mixed = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    v = vault.seal(verifier_only, "pkce_verifier", "verifier-secret-0001")
+    k = vault.seal(integration, "api_key", "api-key-secret-0002")
+    vault.seal_many(mixed, {"pkce_verifier": "verifier-secret-0003", "api_key": "api-key-secret-0004"})
+    assert vault.prune("pkce_verifier", 3600) == 0  # sealed just now: not older than an hour
+    assert vault.open(verifier_only, "pkce_verifier", v["ref"]) == "verifier-secret-0001"
+    assert vault.prune("pkce_verifier", -5) == 1  # a cutoff in the future: everything is older
+    with pytest.raises(VaultError):
+        vault.open(verifier_only, "pkce_verifier", v["ref"])
+    assert raw.run("SELECT count(*) FROM {secrets} WHERE owner_id = %s", (str(verifier_only),)) == [(0,)]
+    assert raw.run("SELECT count(*) FROM {keys} WHERE owner_id = %s", (str(verifier_only),)) == [(0,)]
+    assert vault.open(integration, "api_key", k["ref"]) == "api-key-secret-0002"
+    assert raw.run("SELECT count(*) FROM {secrets} WHERE owner_id = %s", (str(mixed),)) == [(2,)]
+    assert vault.prune("pkce_verifier", -5) == 0

@@ -44,11 +44,21 @@ async def refresh_due(services: Services, margin: timedelta, now: datetime | Non
     return done
 
 
+PRUNE_EVERY = 600.0  # seconds between two prunes of expired authorizations' verifiers
+
+
 async def run_refresher(services: Services, *, interval: float, margin: timedelta) -> None:
+    loop = asyncio.get_running_loop()
+    next_prune = loop.time()
     while True:
         await asyncio.sleep(interval)
         try:
             await refresh_due(services, margin)
+            if loop.time() >= next_prune and services.connections is not None:
+                next_prune = loop.time() + PRUNE_EVERY
+                pruned = await services.connections.prune_expired_authorizations()
+                if pruned:
+                    log.info("shredded the PKCE verifiers of %d expired authorization(s)", pruned)
         except asyncio.CancelledError:
             raise
         except Exception as e:

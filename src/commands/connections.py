@@ -47,6 +47,8 @@ from domain.integration import Integration
 from domain.oauth import ClientConfigError, InvalidGrant, OAuthError, ProtocolError, TokenSet, TransientError
 from domain.settings import camel
 
+VERIFIER_FIELD = "pkce_verifier"  # the vault field of a pending authorization's PKCE verifier
+PRUNE_GRACE = timedelta(minutes=5)  # beyond an authorization's expiry, before its verifier goes
 log = logging.getLogger("integrations.connections")
 
 Clock = Callable[[], datetime]
@@ -212,7 +214,7 @@ class Connections:
         binding = pysecrets.token_urlsafe(32)
         state_hash = token_hash(request.state)
         pid = pending_authorization_id(state_hash)
-        verifier = self.app.vault.seal(pid, "pkce_verifier", request.verifier)
+        verifier = self.app.vault.seal(pid, VERIFIER_FIELD, request.verifier)
 
         def attempt() -> Written[StartedFlow]:
             pending = PendingAuthorization(
@@ -292,7 +294,7 @@ class Connections:
         with acting_as(pending.user_id):
             pending = await asyncio.to_thread(consume)
         try:
-            verifier = await asyncio.to_thread(self.app.vault.open, pid, "pkce_verifier", pending.verifier["ref"])
+            verifier = await asyncio.to_thread(self.app.vault.open, pid, VERIFIER_FIELD, pending.verifier["ref"])
         finally:
             await asyncio.to_thread(self.app.vault.shred, pid)  # single use: the verifier goes now
         actor = None
@@ -592,6 +594,13 @@ class Connections:
             log.info("revocation impossible for connection %s", cid)
             return "failed"
         return "done"
+
+    async def prune_expired_authorizations(self) -> int:
+        """Crypto-shred the PKCE verifiers of authorizations that expired unused (a callback after
+        expiry is refused before the verifier is read). The authorization's own events stay: its
+        expiry is a time in them, not a change. How many were shredded."""
+        grace = self.policy.pending_ttl + PRUNE_GRACE
+        return await asyncio.to_thread(self.app.vault.prune, VERIFIER_FIELD, grace.total_seconds())
 
     async def retry_revocation(self, cid: UUID, attempts: int) -> str | None:
         """Retry a provider revocation that got 503; settles it when done or past its deadline."""

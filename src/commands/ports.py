@@ -43,6 +43,10 @@ class SecretsVault(Protocol):
         """Destroy the owner's data key and every secret sealed under it (crypto-shredding)."""
         ...
 
+    def prune(self, field: str, older_than_seconds: float) -> int:
+        """Shred every owner whose secrets are all ``field`` and older than that; how many."""
+        ...
+
     def prepare_new_owner(self, owner_id: UUID, plaintexts: Mapping[str, str]) -> PreparedSeal | None:
         """The seal of a new owner's first secrets, encrypted now and written later inside the
         event store's own transaction (``co_writes`` of a save, ADR 0014); ``None`` when this

@@ -68,6 +68,11 @@ _SELECT_STALE_DEKS = "SELECT owner_id, kid, wrapped_dek FROM {keys} WHERE kid <>
 _UPDATE_DEK = "UPDATE {keys} SET kid = %s, wrapped_dek = %s WHERE owner_id = %s AND kid = %s"
 _DELETE_DEK = "DELETE FROM {keys} WHERE owner_id = %s"
 _KEY_USAGE = "SELECT kid, COUNT(*) FROM {keys} GROUP BY kid"
+# Owners whose every secret is of one field and older than a cutoff (by the store's clock): their
+# key goes, and its secrets with it (ON DELETE CASCADE).
+_PRUNE_OWNERS = """DELETE FROM {keys} WHERE owner_id IN (
+    SELECT owner_id FROM {secrets} GROUP BY owner_id
+    HAVING min(field) = %s AND max(field) = %s AND max(created_at) < {ago})"""
 _INSERT_SEALED = "INSERT INTO {secrets} (ref, owner_id, field, ciphertext) VALUES (%s, %s, %s, %s)"
 _SELECT_SEALED = "SELECT ciphertext FROM {secrets} WHERE ref = %s AND owner_id = %s"
 _DELETE_SEALED = "DELETE FROM {secrets} WHERE owner_id = %s"
@@ -113,6 +118,7 @@ class _Dialect:
     blob: str
     timestamp: str
     placeholder: str
+    ago: str  # the store's own clock minus %s seconds, comparable with a created_at column
 
     def render(self, template: str) -> str:
         sql = template.format(
@@ -121,6 +127,7 @@ class _Dialect:
             secrets_owner_index=self.secrets_owner_index,
             blob=self.blob,
             timestamp=self.timestamp,
+            ago=self.ago,
         )
         return sql.replace("%s", self.placeholder)
 
@@ -297,6 +304,13 @@ class EnvelopeVault(ABC):
             conn.execute(self._dialect.render(_DELETE_SEALED), (owner,))
             conn.execute(self._dialect.render(_DELETE_DEK), (owner,))
 
+    def prune(self, field: str, older_than_seconds: float) -> int:
+        """Crypto-shred every owner whose secrets are all ``field`` and were all sealed more than
+        ``older_than_seconds`` ago (by the store's clock); how many owners went. For short-lived
+        owners such as a pending authorization's PKCE verifier, which nothing reads after expiry."""
+        with self._transaction(write=True) as conn:
+            return self._count(conn, _PRUNE_OWNERS, (field, field, int(older_than_seconds)))
+
     # -- key management
 
     def rewrap(self) -> int:
@@ -353,6 +367,7 @@ class SqliteVault(EnvelopeVault):
                 blob="BLOB",
                 timestamp="TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP",
                 placeholder="?",
+                ago="datetime('now', printf('%+d seconds', -CAST(%s AS INTEGER)))",
             ),
         )
         self.path = Path(path)
@@ -432,6 +447,7 @@ class PostgresVault(EnvelopeVault):
                 blob="BYTEA",
                 timestamp="TIMESTAMPTZ NOT NULL DEFAULT now()",
                 placeholder="%s",
+                ago="now() - make_interval(secs => %s)",
             ),
         )
         self._integrity_errors = (psycopg.IntegrityError,)

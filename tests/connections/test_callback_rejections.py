@@ -26,6 +26,7 @@ from tests.connections.support import (
     event_names,
     head,
     query,
+    run,
     service,
     token_requests,
 )
@@ -197,6 +198,29 @@ def test_expired_after_ten_minutes(
     r = callback(api, in_time)
     assert r.status_code == 303 and "status=connected" in r.headers["location"], r.headers.get("location")
     assert token_requests(oauth_server) == 1
+
+
+def test_expired_authorizations_lose_their_verifier_and_their_callback_stays_a_clean_400(
+    api: Api,
+    oauth_server: OAuthServer,
+    alice_flow: tuple[dict[str, str], dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background job shreds the PKCE verifier of an authorization that expired unused; a
+    late callback is still refused by the expiry, before anything reads the verifier."""
+    alice, integration = alice_flow
+    connections = service(api)
+    clock = Clock()
+    monkeypatch.setattr(connections, "clock", clock)
+    with oauth_server.browser() as browser:
+        late = authorize(api, alice, integration["id"], browser)
+    # not yet expired (by the vault's own clock): nothing goes
+    assert run(connections.prune_expired_authorizations(), connections) == 0
+    # the vault's clock cannot be moved: prune as the job would once expiry and grace have passed
+    assert connections.app.vault.prune("pkce_verifier", -5) == 1
+    before = head(api)
+    clock.advance(minutes=10, seconds=1)
+    assert_refused(api, oauth_server, late, before)
 
 
 def test_issuer_mismatch(api: Api, oauth_server: OAuthServer, browser: Browser) -> None:
