@@ -2,10 +2,54 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+# Appended to every wrk script: one JSON line with the counts and the latency percentiles.
+WRK_REPORT_LUA = r"""
+done = function(summary, latency, requests)
+  io.write(string.format(
+    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"errors\":{\"connect\":%d,\"read\":%d,"
+    .. "\"write\":%d,\"status\":%d,\"timeout\":%d},\"latency_us\":{\"min\":%d,\"max\":%d,\"mean\":%.1f,"
+    .. "\"p50\":%d,\"p90\":%d,\"p99\":%d,\"p999\":%d}}\n",
+    summary.requests, summary.duration, summary.bytes, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.status, summary.errors.timeout, latency.min, latency.max,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9)))
+end
+"""
+
+
+def run_wrk(wrk: str, url: str, script: Path, *, threads: int, concurrency: int, duration: float) -> dict[str, Any]:
+    """One wrk run of ``script`` (which ends with :data:`WRK_REPORT_LUA`): rate, errors, latencies."""
+    cmd = [
+        wrk, f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "10s", "--latency",
+        "-s", str(script), url,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=duration + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    seconds = raw["duration_us"] / 1e6
+    lat = raw["latency_us"]
+    return {
+        "concurrency": concurrency,
+        "seconds": round(seconds, 3),
+        "requests": raw["requests"],
+        "rps": round(raw["requests"] / seconds, 1),
+        "errors": raw["errors"],
+        "p50_ms": lat["p50"] / 1000,
+        "p90_ms": lat["p90"] / 1000,
+        "p99_ms": lat["p99"] / 1000,
+        "p999_ms": lat["p999"] / 1000,
+        "mean_ms": round(lat["mean"] / 1000, 3),
+        "max_ms": lat["max"] / 1000,
+    }
 
 
 def log(message: str) -> None:

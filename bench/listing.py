@@ -51,7 +51,7 @@ import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
-from benchkit import free_port, load_errors, log, sh
+from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
@@ -416,20 +416,7 @@ def machine(conninfo: str) -> dict[str, Any]:
 
 # ============================================================================ load generation
 
-_LUA_DONE = r"""
-done = function(summary, latency, requests)
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"errors\":{\"connect\":%d,\"read\":%d,"
-    .. "\"write\":%d,\"status\":%d,\"timeout\":%d},\"latency_us\":{\"min\":%d,\"max\":%d,\"mean\":%.1f,"
-    .. "\"p50\":%d,\"p90\":%d,\"p99\":%d,\"p999\":%d}}\n",
-    summary.requests, summary.duration, summary.bytes, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout, latency.min, latency.max,
-    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9)))
-end
-"""
-
-_LUA_GET = 'wrk.headers["Authorization"] = "Bearer {token}"\n' + _LUA_DONE
+_LUA_GET = 'wrk.headers["Authorization"] = "Bearer {token}"\n' + WRK_REPORT_LUA
 
 _LUA_POST = (
     r"""
@@ -450,7 +437,7 @@ request = function()
     {["Authorization"] = "Bearer {token}", ["Content-Type"] = "application/json"}, body)
 end
 """
-    + _LUA_DONE
+    + WRK_REPORT_LUA
 )
 
 
@@ -497,32 +484,9 @@ class Load:
         script.write_text(template.replace("{token}", token).replace("{prefix}", post_prefix or ""))
         threads = 1 if concurrency == 1 else min(2, os.cpu_count() or 1)
         url = self.base + (path or "/api/integrations")
-        cmd = [
-            self.wrk, f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "10s",
-            "--latency", "-s", str(script), url,
-        ]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=duration + 60)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-        raw = json.loads(line.removeprefix("WRKJSON "))
-        seconds = raw["duration_us"] / 1e6
-        lat = raw["latency_us"]
-        return {
-            "tool": "wrk",
-            "threads": threads,
-            "concurrency": concurrency,
-            "seconds": round(seconds, 3),
-            "requests": raw["requests"],
-            "rps": round(raw["requests"] / seconds, 1),
-            "errors": raw["errors"],
-            "p50_ms": lat["p50"] / 1000,
-            "p90_ms": lat["p90"] / 1000,
-            "p99_ms": lat["p99"] / 1000,
-            "p999_ms": lat["p999"] / 1000,
-            "mean_ms": round(lat["mean"] / 1000, 3),
-            "max_ms": lat["max"] / 1000,
-        }
+        assert self.wrk is not None
+        result = run_wrk(self.wrk, url, script, threads=threads, concurrency=concurrency, duration=duration)
+        return {"tool": "wrk", "threads": threads, **result}
 
     async def _python(
         self, token: str, concurrency: int, duration: float, path: str, post_prefix: str | None

@@ -51,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from benchkit import free_port, load_errors, log, sh
+from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDED_P50_TARGET_MS = 1.0
@@ -343,19 +343,6 @@ def setup_integration(base: str, upstream_url: str) -> dict[str, str]:
 
 # ============================================================================ load (wrk)
 
-_LUA_DONE = r"""
-done = function(summary, latency, requests)
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"errors\":{\"connect\":%d,\"read\":%d,"
-    .. "\"write\":%d,\"status\":%d,\"timeout\":%d},\"latency_us\":{\"min\":%d,\"max\":%d,\"mean\":%.1f,"
-    .. "\"p50\":%d,\"p90\":%d,\"p99\":%d,\"p999\":%d}}\n",
-    summary.requests, summary.duration, summary.bytes, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout, latency.min, latency.max,
-    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9)))
-end
-"""
-
 
 def lua(token: str | None, body: str | None) -> str:
     lines = []
@@ -363,32 +350,13 @@ def lua(token: str | None, body: str | None) -> str:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
     if body is not None:
         lines += ['wrk.method = "POST"', f"wrk.body = '{body}'", 'wrk.headers["Content-Type"] = "application/json"']
-    return "\n".join(lines) + "\n" + _LUA_DONE
+    return "\n".join(lines) + "\n" + WRK_REPORT_LUA
 
 
 def wrk(url: str, script: str, concurrency: int, duration: float, workdir: Path) -> dict[str, Any]:
     path = workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
     path.write_text(script)
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "10s", "--latency", "-s", str(path), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=duration + 60)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-    raw = json.loads(line.removeprefix("WRKJSON "))
-    seconds = raw["duration_us"] / 1e6
-    lat = raw["latency_us"]
-    return {
-        "concurrency": concurrency,
-        "seconds": round(seconds, 3),
-        "requests": raw["requests"],
-        "rps": round(raw["requests"] / seconds, 1),
-        "errors": raw["errors"],
-        "p50_ms": lat["p50"] / 1000,
-        "p90_ms": lat["p90"] / 1000,
-        "p99_ms": lat["p99"] / 1000,
-        "mean_ms": round(lat["mean"] / 1000, 3),
-        "max_ms": lat["max"] / 1000,
-    }
+    return run_wrk("wrk", url, path, threads=1, concurrency=concurrency, duration=duration)
 
 
 # ============================================================================ profiling
