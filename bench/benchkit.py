@@ -73,3 +73,10 @@ def sh(*cmd: str) -> str:
 def load_errors(h: dict[str, Any]) -> int:
     """All errors of one load-tool result (connect, read, write, status, timeout)."""
     return sum(int(v) for v in h.get("errors", {}).values())
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    """The markdown lines of a benchmark's target checks (``target``, ``value``, ``pass`` each)."""
+    lines = ["| Target | measured | result |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+    return lines

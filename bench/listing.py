@@ -51,7 +51,7 @@ import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
-from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh
+from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
@@ -1430,9 +1430,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
             lines.append("")
     if results.get("targets"):
-        lines += ["| Target | measured | result |", "|---|---|---|"]
-        for t in results["targets"]:
-            lines.append(f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |")
+        lines += targets_table(results["targets"])
     return "\n".join(lines)
 
 

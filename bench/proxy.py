@@ -51,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh
+from benchkit import WRK_REPORT_LUA, free_port, load_errors, log, run_wrk, sh, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDED_P50_TARGET_MS = 1.0
@@ -630,9 +630,7 @@ def markdown(results: dict[str, Any]) -> str:
             + "."
         )
         lines.append("")
-    lines += ["| Target | measured | result |", "|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |")
+    lines += targets_table(results["targets"])
     return "\n".join(lines)
 
 

@@ -513,10 +513,10 @@ class _NoCookies(httpx.Cookies):
 _NO_COOKIES = _NoCookies()
 
 
-class GuardedAsyncClient(httpx.AsyncClient):
-    """An ``AsyncClient`` that never follows redirects and keeps no cookies, whatever a call asks for."""
+class _KeepsNoCookies:
+    """For the guarded clients: the cookie jar is always empty and cannot be set."""
 
-    @property  # type: ignore[override]
+    @property
     def cookies(self) -> httpx.Cookies:
         return _NO_COOKIES
 
@@ -524,22 +524,17 @@ class GuardedAsyncClient(httpx.AsyncClient):
     def cookies(self, cookies: Any) -> None:
         if cookies:
             raise TypeError("guarded clients keep no cookies")
+
+
+class GuardedAsyncClient(_KeepsNoCookies, httpx.AsyncClient):  # type: ignore[misc]
+    """An ``AsyncClient`` that never follows redirects and keeps no cookies, whatever a call asks for."""
 
     async def send(self, request: httpx.Request, *, follow_redirects: Any = None, **kwargs: Any) -> httpx.Response:
         return await super().send(request, follow_redirects=False, **kwargs)
 
 
-class GuardedClient(httpx.Client):
+class GuardedClient(_KeepsNoCookies, httpx.Client):  # type: ignore[misc]
     """A ``Client`` that never follows redirects and keeps no cookies, whatever a call asks for."""
-
-    @property  # type: ignore[override]
-    def cookies(self) -> httpx.Cookies:
-        return _NO_COOKIES
-
-    @cookies.setter
-    def cookies(self, cookies: Any) -> None:
-        if cookies:
-            raise TypeError("guarded clients keep no cookies")
 
     def send(self, request: httpx.Request, *, follow_redirects: Any = None, **kwargs: Any) -> httpx.Response:
         return super().send(request, follow_redirects=False, **kwargs)
