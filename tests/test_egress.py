@@ -22,12 +22,12 @@ from infrastructure.egress import (
     EgressConfigError,
     EgressDenied,
     EgressPolicy,
-    GuardedUpstream,
     address_problem,
     guarded_async_client,
     guarded_client,
     odd_ipv4_literal,
 )
+from infrastructure.upstream_http import GuardedUpstream
 
 # --------------------------------------------------------------------------------------------------
 # A recording HTTP(S) server on 127.0.0.1
@@ -135,7 +135,7 @@ def aget(policy: EgressPolicy, url: str, **kw: object) -> httpx.Response:
 
 
 def upstream_get(policy: EgressPolicy, url: str, **kw: object) -> httpx.Response:
-    """The request proxy's aiohttp client (``GuardedUpstream``) under the same checks."""
+    """The request proxy's own client (``GuardedUpstream``) under the same checks."""
     resolver = kw.pop("resolver", None)
     kw.pop("follow_redirects", None)  # it never follows them
 
@@ -152,7 +152,7 @@ def upstream_get(policy: EgressPolicy, url: str, **kw: object) -> httpx.Response
     return asyncio.run(main())
 
 
-BOTH = pytest.mark.parametrize("fetch", [get, aget, upstream_get], ids=["sync", "async", "proxy-aiohttp"])
+BOTH = pytest.mark.parametrize("fetch", [get, aget, upstream_get], ids=["sync", "async", "proxy"])
 NOBODY = EgressPolicy()
 LOOPBACK_ONLY = EgressPolicy(["127.0.0.1"])
 
@@ -325,12 +325,7 @@ def test_odd_literals_never_reach_the_resolver_or_the_server(
             fetch(NOBODY, f"http://{host}:{server.port}/", resolver=resolver)
     assert resolver.calls == [] and server.seen == []
     # "unless allowed": the address it denotes is allow-listed → connect to that checked address
-    if fetch is upstream_get:  # aiohttp refuses non-canonical literals itself, allowed or not: fails closed
-        with pytest.raises(httpx.UnsupportedProtocol):
-            fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver)
-        assert server.seen == []
-    else:
-        assert fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver).text == "direct"
+    assert fetch(LOOPBACK_ONLY, f"http://2130706433:{server.port}/", resolver=resolver).text == "direct"
     assert resolver.calls == []
 
 
@@ -539,7 +534,7 @@ def _tls_pair(name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_ctx, client_ctx
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "proxy-aiohttp"])
+@pytest.mark.parametrize("mode", ["sync", "async", "proxy"])
 def test_tls_verifies_host_name_on_the_pinned_address(mode: str) -> None:
     server_ctx, client_ctx = _tls_pair("egress.test")
     resolver = ScriptedResolver(["127.0.0.1"])
@@ -549,7 +544,7 @@ def test_tls_verifies_host_name_on_the_pinned_address(mode: str) -> None:
         if mode == "sync":
             with guarded_client(policy, timeout=5, resolver=resolver, verify=client_ctx) as client:
                 return client.get(url)
-        if mode == "proxy-aiohttp":
+        if mode == "proxy":
 
             async def upstream() -> httpx.Response:
                 client = GuardedUpstream(policy, httpx.Timeout(5.0), resolver=resolver, verify=client_ctx)

@@ -26,13 +26,14 @@ from domain.access import Actor, is_team, team_id_of
 from domain.audit import SYSTEM_ACTOR
 from domain.principals import team_aggregate_id, user_aggregate_id
 from domain.urls import UrlPolicy
-from infrastructure.egress import EgressDenied, EgressPolicy, GuardedUpstream
+from infrastructure.egress import EgressDenied, EgressPolicy
 from infrastructure.keyring import load_keyring
 from infrastructure.locks import FileRefreshLocks, PostgresRefreshLocks
 from infrastructure.oauth_provider import HttpOAuthProvider
 from infrastructure.passwords import ScryptHasher
 from infrastructure.persistence import APP_NAME, application_env, projection_env
 from infrastructure.settings import Settings, SettingsError
+from infrastructure.upstream_http import GuardedUpstream
 from infrastructure.vault import EnvelopeVault, open_vault
 from projections.runtime import (
     READ_MODELS,
@@ -281,7 +282,7 @@ def _wire_connections(settings: Settings, runtime: Runtime) -> None:
 def _wire_proxy(settings: Settings, runtime: Runtime) -> None:
     """The request proxy's upstream client: egress-guarded, no env proxies, no redirects, no
     cookies, a pool sized for many concurrent calls; the overall deadline is the proxy's own (PX-9).
-    aiohttp rather than httpx's own pool on this path: see ``GuardedUpstream``."""
+    Our own HTTP/1.1 client on this path, not httpx's pool: see ``infrastructure.upstream_http``."""
 
     # httpx logs every request's full URL at INFO: an API key in the query would land in the log
     # (PX-10), and a line per proxied call costs on the hot path (performance notes).

@@ -34,7 +34,6 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
-import yarl
 
 ENV_VAR = "INTEGRATIONS_EGRESS_ALLOW"
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -430,7 +429,7 @@ def _default_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context(verify=True, trust_env=False)
 
 
-def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
+def ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
     if verify is True:
         return _default_ssl_context()
     return httpx.create_ssl_context(verify=verify, trust_env=False)
@@ -469,7 +468,7 @@ class GuardedAsyncTransport(httpx.AsyncHTTPTransport):
         limits: httpx.Limits = DEFAULT_LIMITS,
         retries: int = 0,
     ) -> None:
-        ctx = _ssl_context(verify)
+        ctx = ssl_context(verify)
         super().__init__(verify=ctx, trust_env=False, http1=http1, http2=http2, limits=limits)
         self._pool = httpcore.AsyncConnectionPool(
             network_backend=GuardedAsyncBackend(policy, resolver), **_pool_kwargs(ctx, http1, http2, limits, retries)
@@ -490,7 +489,7 @@ class GuardedTransport(httpx.HTTPTransport):
         limits: httpx.Limits = DEFAULT_LIMITS,
         retries: int = 0,
     ) -> None:
-        ctx = _ssl_context(verify)
+        ctx = ssl_context(verify)
         super().__init__(verify=ctx, trust_env=False, http1=http1, http2=http2, limits=limits)
         self._pool = httpcore.ConnectionPool(
             network_backend=GuardedSyncBackend(policy, resolver), **_pool_kwargs(ctx, http1, http2, limits, retries)
@@ -583,195 +582,3 @@ def guarded_client(
     transport_kw, client_kw = _split_kwargs(dict(kw))
     transport = GuardedTransport(policy, resolver=resolver, **transport_kw)
     return GuardedClient(transport=transport, timeout=timeout, trust_env=False, follow_redirects=False, **client_kw)
-
-
-# ------------------------------------------------------------------------------------------------
-# The request proxy's client: aiohttp under the same guard
-# ------------------------------------------------------------------------------------------------
-
-
-class _GuardedResolver:
-    """An aiohttp resolver that resolves once, checks every address and hands back only checked
-    ones: the connector connects to exactly those (TLS SNI and certificate checks still use the
-    host name). IP literals never reach a resolver in aiohttp; :class:`GuardedUpstream` checks
-    them before each request."""
-
-    def __init__(self, policy: EgressPolicy, resolver: Resolver | None) -> None:
-        self._policy = policy
-        self._resolver = resolver or system_resolver
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
-        addresses = self._policy.literal_addresses(host)
-        if addresses is None:
-            try:
-                answers = await anyio.to_thread.run_sync(self._resolver, host, port, abandon_on_cancel=True)
-            except OSError as exc:  # a network failure, not a refusal
-                raise httpx.ConnectError(f"cannot resolve {host!r}: {exc.strerror or type(exc).__name__}") from None
-            addresses = self._policy.check_resolved(host, answers)
-        return [
-            {
-                "hostname": host,
-                "host": address,
-                "port": port,
-                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for address in addresses
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
-class UpstreamResponse:
-    """One upstream response, its body not read yet: ``status_code``, ``headers`` (a
-    case-insensitive multi-map: ``get`` and every ``items()`` pair), the raw body (transfer coding
-    removed, content coding kept) and ``aclose``."""
-
-    __slots__ = ("_response", "headers", "status_code")
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self.status_code: int = response.status
-        self.headers: Any = response.headers
-
-    async def aiter_raw(self) -> Any:
-        content = self._response.content
-        while True:
-            with _mapped_errors(reading=True):
-                chunk = await content.readany()
-            if not chunk:
-                return
-            yield chunk
-
-    async def aread(self) -> bytes:
-        with _mapped_errors(reading=True):
-            return bytes(await self._response.read())
-
-    async def aclose(self) -> None:
-        self._response.release()
-
-
-class _mapped_errors:
-    """aiohttp's errors as the httpx exceptions the proxy already answers (502/504), so it does not
-    depend on the client library; egress refusals pass through unchanged."""
-
-    def __init__(self, reading: bool = False) -> None:
-        self._reading = reading
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        import aiohttp
-
-        if exc is None or isinstance(exc, EgressDenied | httpx.HTTPError) or not isinstance(exc, Exception):
-            return False
-        message = f"{type(exc).__name__}: {exc}"[:300]
-        mapped: Exception
-        if isinstance(exc, aiohttp.InvalidURL):  # e.g. a non-canonical IPv4 literal, even an allowed one
-            mapped = httpx.UnsupportedProtocol(message)
-        elif isinstance(exc, aiohttp.ConnectionTimeoutError):
-            mapped = httpx.ConnectTimeout(message)
-        elif isinstance(exc, aiohttp.ServerTimeoutError):
-            mapped = httpx.ReadTimeout(message)
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            mapped = httpx.ConnectError(message)
-        elif isinstance(exc, aiohttp.ClientResponseError):
-            mapped = httpx.RemoteProtocolError(message)  # e.g. a header line beyond the limits
-        elif isinstance(exc, aiohttp.ClientError | OSError | ValueError):
-            mapped = httpx.ReadError(message) if self._reading else httpx.WriteError(message)
-        else:
-            return False
-        raise mapped from None
-
-
-class GuardedUpstream:
-    """The request proxy's outbound client: aiohttp behind the egress policy.
-
-    Same rules as the httpx clients above: every address checked (literals before the request,
-    names in the resolver, the connection made to a checked address), no environment proxies
-    (``trust_env=False``), no redirects, no cookie jar, no automatic decompression (bodies are
-    relayed raw), the request target sent exactly as built (``encoded=True``: no re-quoting, no
-    dot-segment folding). Chosen for the proxy's hot path: httpcore's pool scans every pooled
-    connection (and polls each idle socket) on each request, which cost about 1 ms of CPU per
-    call here against about 0.15 ms for aiohttp (docs/benchmarks.md).
-
-    The session is created on first use, on the serving event loop.
-    """
-
-    def __init__(
-        self,
-        policy: EgressPolicy,
-        timeout: httpx.Timeout,
-        *,
-        resolver: Resolver | None = None,
-        verify: ssl.SSLContext | bool = True,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        max_header_bytes: int = 65536,
-    ) -> None:
-        self._policy = policy
-        self._resolver = resolver
-        self._ssl = _ssl_context(verify)
-        self._limits = limits
-        self._timeout = timeout
-        self._max_header_bytes = max_header_bytes
-        self._session: Any = None
-        self._allowed_hosts: set[str] = set()  # hosts whose literal check passed
-
-    def _open(self) -> Any:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            resolver=_GuardedResolver(self._policy, self._resolver),  # type: ignore[arg-type]
-            ssl=self._ssl,
-            limit=self._limits.max_connections or 0,
-            limit_per_host=0,
-            keepalive_timeout=self._limits.keepalive_expiry or 15.0,
-            use_dns_cache=True,
-            ttl_dns_cache=10,  # a cached answer is one that was checked
-        )
-        t = self._timeout
-        return aiohttp.ClientSession(
-            connector=connector,
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            raise_for_status=False,
-            max_line_size=self._max_header_bytes,
-            max_field_size=self._max_header_bytes,
-            # Only the new-socket connect is timed here. Every other wait (a pooled connection, the
-            # answer, each read) runs under the caller's overall deadline (the proxy's
-            # ``asyncio.timeout_at``): a second timer per request and per read would only repeat it,
-            # and each costs a timer handle on the loop (measured on the proxy's hot path).
-            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=t.connect, sock_read=None),
-        )
-
-    async def send(
-        self, method: str, url: yarl.URL | httpx.URL | str, headers: Mapping[str, str], content: bytes | Any | None
-    ) -> UpstreamResponse:
-        """One request; ``url`` is sent exactly as given (a ``yarl.URL``, the parser aiohttp sends
-        with, or text parsed by it with ``encoded=True``); an IP literal host is checked here, a
-        name when it is resolved."""
-        target = url if isinstance(url, yarl.URL) else yarl.URL(str(url), encoded=True)
-        host = target.raw_host
-        if target.scheme not in ("http", "https") or not host:
-            raise httpx.UnsupportedProtocol("only absolute http(s) URLs")
-        if host not in self._allowed_hosts:
-            self._policy.literal_addresses(host)  # a disallowed literal: EgressDenied, nothing sent
-            if len(self._allowed_hosts) >= 4096:
-                self._allowed_hosts.clear()
-            self._allowed_hosts.add(host)  # a pure function of the policy and the text: checked once
-        if self._session is None:
-            self._session = self._open()
-        with _mapped_errors():
-            response = await self._session.request(
-                method, target, headers=headers, data=content, allow_redirects=False, proxy=None
-            )
-        return UpstreamResponse(response)
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
