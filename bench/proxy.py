@@ -368,7 +368,7 @@ _AREAS = (  # (area, frame prefixes or path fragments); the innermost matching f
     ("auth middleware (token hash, cache, actor)", ("api/auth.py", "litestar/middleware/authentication.py")),
     ("proxy: integration + access (cached)", ("_integration (", "ProxyCache.")),
     ("proxy: credentials (cached)", ("_credentials (", "commands/connections.py")),
-    ("proxy: upstream call (aiohttp)", ("aiohttp/", "GuardedUpstream.", "UpstreamResponse.", "yarl/", "multidict/")),
+    ("proxy: upstream call (client)", ("infrastructure/upstream_http.py", "httptools/", "yarl/")),
     ("proxy: URL confinement", ("target_url (", "domain/paths.py", "httpx/_url")),
     (
         "proxy: headers, templates",
@@ -450,7 +450,7 @@ def machine() -> dict[str, Any]:
     versions = {"python": platform.python_version(), "uvicorn": uvicorn.__version__, "httpx": httpx.__version__}
     with contextlib.suppress(Exception):
         versions["litestar"] = litestar.__version__.formatted()  # type: ignore[attr-defined]
-    for name in ("uvloop", "httptools", "aiohttp", "httpx_aiohttp"):
+    for name in ("uvloop", "httptools"):
         with contextlib.suppress(ImportError):
             versions[name] = getattr(__import__(name), "__version__", "installed")
     return {
@@ -649,7 +649,7 @@ def append_docs(results: dict[str, Any], table: str) -> None:
         "",
         f"Machine: `nproc` = {m['nproc']}; CPU: {m['cpu_model']}; Python {v['python']}; uvicorn {v['uvicorn']}"
         + "".join(
-            f", {k} {v[k]}" for k in ("litestar", "httpx", "uvloop", "httptools", "aiohttp", "httpx_aiohttp") if k in v
+            f", {k} {v[k]}" for k in ("litestar", "httpx", "uvloop", "httptools") if k in v
         )
         + f"; load generator: {m['wrk']} (`-t1`, {results['duration']:g} s per case); upstream: {up['kind']}"
         + (f" {up['version']}" if up.get("version") else "")

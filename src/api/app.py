@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from litestar import Litestar, Router
@@ -26,9 +27,28 @@ from api.controllers.proxy import ProxyController
 from api.controllers.sharing import SharingController
 from api.errors import EXCEPTION_HANDLERS
 from api.guards import check_input
+from api.proxy_endpoint import proxy_route
+from api.proxy_endpoint import serve as serve_proxy
 from api.services import Services
 
 log = logging.getLogger("integrations.api")
+
+
+class ServiceApp(Litestar):
+    """Litestar, with the request proxy's front door: a proxied request (``api.proxy_endpoint.
+    proxy_route``) is served without Litestar's router, middleware stack and handler layer, which
+    were the largest per-call costs left on the proxy's path after the upstream call (ADR 0013
+    §11). Everything else goes through Litestar as usual."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            route = proxy_route(scope)
+            if route is not None:
+                scope["app"] = scope["litestar_app"] = self
+                scope.setdefault("state", {})
+                await serve_proxy(self, route[0], route[1], scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(services: Services) -> Litestar:
@@ -82,7 +102,7 @@ def create_app(services: Services) -> Litestar:
             "actor": Provide(provide_actor, sync_to_thread=False),
         },
     )
-    return Litestar(
+    return ServiceApp(
         route_handlers=[api, HealthController],
         lifespan=[lifespan],
         state=State({"services": services}),

@@ -58,25 +58,31 @@ def _expiry(row: dict[str, Any]) -> datetime | None:
     return datetime.fromisoformat(expires) if expires else None
 
 
+async def authenticate(services: Services, connection: ASGIConnection) -> tuple[Actor, dict[str, Any]]:
+    """The caller and what authenticated it (``scope["user"]``, ``scope["auth"]``); 401 when no
+    valid token or session is presented, 403 for a cross-site cookie-authenticated write."""
+    token, from_cookie = presented_token(connection)
+    if not token or len(token) > 512:
+        raise NotAuthorizedException("Authentication required: send a Bearer API token or log in.")
+    hashed = token_hash(token)
+    # The cache keeps the caller as the rules see it (an immutable Actor) and the token's expiry.
+    entry: tuple[Actor, datetime | None] | None = services.auth_cache.get(hashed)
+    if entry is None:
+        row = await anyio.to_thread.run_sync(services.principals.user_by_token_hash, hashed)
+        if row is not None:
+            entry = (actor_from_row(row), _expiry(row))
+            services.auth_cache.put(hashed, entry)
+    if entry is None or (entry[1] is not None and entry[1] <= datetime.now(UTC)):
+        raise NotAuthorizedException("The token is not valid (unknown, revoked or expired).")
+    if from_cookie and connection.scope.get("method") in _UNSAFE:
+        _check_same_origin(connection, services.config.public_url)
+    return entry[0], {"token_hash": hashed, "cookie": from_cookie}
+
+
 class TokenAuthentication(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        services: Services = connection.app.state.services
-        token, from_cookie = presented_token(connection)
-        if not token or len(token) > 512:
-            raise NotAuthorizedException("Authentication required: send a Bearer API token or log in.")
-        hashed = token_hash(token)
-        # The cache keeps the caller as the rules see it (an immutable Actor) and the token's expiry.
-        entry: tuple[Actor, datetime | None] | None = services.auth_cache.get(hashed)
-        if entry is None:
-            row = await anyio.to_thread.run_sync(services.principals.user_by_token_hash, hashed)
-            if row is not None:
-                entry = (actor_from_row(row), _expiry(row))
-                services.auth_cache.put(hashed, entry)
-        if entry is None or (entry[1] is not None and entry[1] <= datetime.now(UTC)):
-            raise NotAuthorizedException("The token is not valid (unknown, revoked or expired).")
-        if from_cookie and connection.scope.get("method") in _UNSAFE:
-            _check_same_origin(connection, services.config.public_url)
-        return AuthenticationResult(user=entry[0], auth={"token_hash": hashed, "cookie": from_cookie})
+        user, auth = await authenticate(connection.app.state.services, connection)
+        return AuthenticationResult(user=user, auth=auth)
 
 
 def _check_same_origin(connection: ASGIConnection, public_url: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -30,9 +29,6 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     ProviderRejected: 502,
     ProviderUnavailable: 503,
 }
-
-
-_PROXY_PATH = re.compile(r"^/api/integrations/[^/]+/proxy(?:/|$)")
 
 
 class ApiError(HTTPException):
@@ -90,13 +86,6 @@ def _validation_details(exc: ValidationException) -> list[dict[str, str]]:
 
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
-    if status == 405 and _PROXY_PATH.match(request.scope.get("path", "")):
-        # The router's 405 for a method no handler takes (CONNECT, PROPFIND, ...) under the
-        # proxy: the same 400 as OPTIONS and TRACE (PX-2).
-        from api.proxy import method_refused
-
-        exc = method_refused(request.method)
-        status = 400
     if isinstance(exc, ValidationException):
         message = _body_message(str(exc.detail))
         return _respond(400, message, _validation_details(exc) or None)
@@ -132,3 +121,14 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error_handler,
     Exception: internal_error_handler,
 }
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The answer the handlers above give ``exc``, for code that runs outside Litestar's exception
+    middleware (the proxy's front door): the most specific handler by the exception's MRO, as
+    Litestar picks it."""
+    for cls in type(exc).__mro__:
+        handler = EXCEPTION_HANDLERS.get(cls)
+        if handler is not None:
+            return handler(request, exc)  # type: ignore[operator]
+    return internal_error_handler(request, exc)

@@ -1,34 +1,38 @@
-"""The proxy's two routes served at the ASGI level, inside Litestar's routing (ADR 0013).
+"""The proxy's two routes, served at the ASGI level before Litestar's router (ADR 0013 §11).
 
-The routes are declared as ordinary Litestar handlers (so routing, the OpenAPI document, the
-authentication middleware and the error handlers apply as everywhere), but each carries this
-middleware last in its stack, and the middleware answers the request itself: the handler
-function behind it is never called. That skips what Litestar does per request between its
-middleware and a handler (the request object, the signature model and its kwargs, the response
-object and its conversion to ASGI messages), which was the largest share of a proxied call's
-CPU after the upstream call itself (``bench/proxy.py``).
+The routes are declared as ordinary Litestar handlers in ``api.controllers.proxy`` (so the
+OpenAPI document shows them), but the application's front door (``api.app.ServiceApp``) hands
+every request that :func:`proxy_route` recognises to :func:`serve`, and the handler functions are
+never called. That skips Litestar's router, its middleware stack and what it does per request
+between middleware and a handler (the request object, the signature model and its kwargs, the
+response object and its conversion to ASGI messages), which together were the largest share of a
+proxied call's CPU after the upstream call itself (``bench/proxy.py``).
 
-What the skipped layer did and the proxy needs is done here, from the same functions: the
-``before_request`` input checks (:func:`api.guards.check_raw`, :func:`api.guards.check_body`),
-the body size limit (413) and the JSON decoding of ``POST /request`` (400 with details, as
-Litestar's own decoding answers). Errors raised here are rendered by the error handlers of
-:mod:`api.errors` like any handler's.
+What the skipped layers did and the proxy needs is done here, from the same functions: the
+caller's authentication (:func:`api.auth.authenticate`, as the authentication middleware calls
+it), the ``before_request`` input checks (:func:`api.guards.check_raw`, the body checks), the body
+size limit (413) and the JSON decoding of ``POST /request`` (400 with details, as Litestar's own
+decoding answers). Errors raised before the answer starts are rendered by the error handlers of
+:mod:`api.errors` (:func:`api.errors.error_response`), exactly as for any handler.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Litestar, Request
+from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.response import Stream
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import Receive, Scope, Send
 from msgspec import Meta
 
 from api import proxy
-from api.errors import ApiError
+from api.auth import authenticate
+from api.errors import ApiError, error_response
 from api.guards import MAX_JSON_DEPTH, check_depth, check_nul, check_raw, too_deep
 from api.services import Services
 from domain.errors import ValidationFailed, field_error
@@ -67,6 +71,11 @@ def encode_data(data: Any, headers: dict[str, str]) -> bytes | None:
     if content_type is None:
         headers["Content-Type"] = "application/json"
     return msgspec.json.encode(data)
+
+
+class AnswerCut(Exception):
+    """The upstream's answer could not be relayed to its end once it had started (deadline, size
+    cap, network): raised to the ASGI server, which cuts the caller's connection."""
 
 
 class ClientDisconnected(Exception):
@@ -129,99 +138,130 @@ def _headers(scope: Scope) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
 
 
-class ProxyEndpoint:
-    """Route middleware that serves ``/proxy/{path}`` (``kind="pass_through"``) or ``POST /request``
-    (``kind="request"``) directly; see the module docstring."""
+_ROUTE = re.compile(r"/api/integrations/([^/]+)/(?:(request)|proxy(?:/.*)?)", re.DOTALL)
 
-    def __init__(self, app: ASGIApp, kind: str) -> None:
-        self.app = app  # the declared handler: never called
-        self.kind = kind
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        litestar_app = Litestar.from_scope(scope)
-        services: Services = litestar_app.state.services
+def proxy_route(scope: Scope) -> tuple[str, str] | None:
+    """``(kind, ident)`` when the request is one of the proxy's (``"request"`` for ``POST
+    .../request``, ``"pass_through"`` for every method under ``.../proxy``), else ``None``: the
+    same requests Litestar's router sends to the two routes of ``api.controllers.proxy``, plus the
+    methods it would refuse under ``/proxy`` with a 405 (they get the proxy's 400, PX-2)."""
+    path: str = scope["path"]
+    if not path.startswith("/api/integrations/"):
+        return None
+    match = _ROUTE.fullmatch(path)
+    if match is None:
+        return None
+    if match.group(2) is None:
+        return "pass_through", match.group(1)
+    return ("request", match.group(1)) if scope["method"] == "POST" else None
+
+
+async def serve(app: Litestar, kind: str, ident: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """One proxied request, from the caller's credentials to the last byte of the answer (see the
+    module docstring); any error before the answer starts leaves through the error handlers."""
+    started = False
+
+    async def send_tracked(message: Any) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    services: Services = app.state.services
+    try:
+        if kind == "pass_through" and scope["method"] not in proxy.METHODS:
+            # Refused before anything else, credentials included: a browser's CORS preflight
+            # (OPTIONS) carries none, and the answer reveals nothing about the integration.
+            raise proxy.method_refused(scope["method"])
+        scope["user"], scope["auth"] = await authenticate(services, ASGIConnection(scope, receive, send))
         check_raw(scope)
-        ident = scope["path_params"]["ident"]
-        body: _StreamedBody | None = None
-        try:
-            if self.kind == "request":
-                call = await self._request_call(services, scope, receive, ident)
-            else:
-                call, body = await self._pass_through_call(services, scope, receive, ident)
-            answer = await proxy.forward(services, scope["user"], call)
-        except ClientDisconnected:
-            return  # nobody to answer
-        if answer.stream is None and answer.content is None:
-            await _send_headers_only(answer, send)
-        elif answer.stream is None:
-            await _send_whole(answer, send)
-        elif body is not None and not body.done:
-            # The upload still owns ``receive``: relay without watching for a disconnect (the
-            # relay's own deadline bounds it).
-            await _send_stream_plain(answer, send)
-        else:
-            # Litestar's streaming response, which also stops relaying when the caller goes away.
-            stream = Stream(
-                answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer)
-            )
-            request: Request[Any, Any, Any] = Request(scope, receive, send)
-            asgi = stream.to_asgi_response(app=None, request=request, is_head_response=scope["method"] == "HEAD")
-            await asgi(scope, receive, send)
+        await _serve(services, kind, ident, scope, receive, send_tracked)
+    except Exception as exc:
+        if started:  # the answer is under way: the server cuts the connection, never a half answer
+            raise AnswerCut("the answer was cut after it started") from exc
+        response = error_response(Request(scope, receive, send), exc)
+        await response.to_asgi_response(app=None, request=Request(scope, receive, send))(scope, receive, send)
 
-    async def _request_call(self, services: Services, scope: Scope, receive: Receive, ident: str) -> proxy.Call:
-        raw = await _read_body(receive, services.config.max_body_bytes)
-        check_nul(raw)
-        try:
-            data = msgspec.json.decode(raw, type=ProxyRequestBody)
-        except msgspec.ValidationError as e:
-            raise ValidationException(detail=str(e)[:300], extra=[{"message": str(e)[:300], "key": "body"}]) from None
-        except msgspec.DecodeError:
-            raise ValidationException(detail="The request body is not valid JSON.") from None
-        except RecursionError:
-            raise too_deep() from None
-        if data.data is not None:
-            check_depth(data.data, MAX_JSON_DEPTH - 1)  # the rest of the body is flat by its type
-        headers = dict(data.headers or {})
-        for name, value in headers.items():
-            proxy.check_caller_header(name, value)
-        content = encode_data(data.data, headers)
-        return proxy.Call(
-            ident=ident,
-            method=data.method,
-            relative=data.url,
-            params=data.params,
-            headers=headers.items(),
-            body=proxy.Body(content, len(content) if content is not None else None),
+
+async def _serve(services: Services, kind: str, ident: str, scope: Scope, receive: Receive, send: Send) -> None:
+    body: _StreamedBody | None = None
+    try:
+        if kind == "request":
+            call = await _request_call(services, scope, receive, ident)
+        else:
+            call, body = await _pass_through_call(services, scope, receive, ident)
+        answer = await proxy.forward(services, scope["user"], call)
+    except ClientDisconnected:
+        return  # nobody to answer
+    if answer.stream is None and answer.content is None:
+        await _send_headers_only(answer, send)
+    elif answer.stream is None:
+        await _send_whole(answer, send)
+    elif body is not None and not body.done:
+        # The upload still owns ``receive``: relay without watching for a disconnect (the
+        # relay's own deadline bounds it).
+        await _send_stream_plain(answer, send)
+    else:
+        # Litestar's streaming response, which also stops relaying when the caller goes away.
+        stream = Stream(
+            answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer)
         )
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
+        asgi = stream.to_asgi_response(app=None, request=request, is_head_response=scope["method"] == "HEAD")
+        await asgi(scope, receive, send)
 
-    async def _pass_through_call(
-        self, services: Services, scope: Scope, receive: Receive, ident: str
-    ) -> tuple[proxy.Call, _StreamedBody | None]:
-        method = scope["method"]
-        if method not in proxy.METHODS:
-            raise proxy.method_refused(method)
-        relative = raw_proxy_target(scope)
-        headers = _headers(scope)
-        length: int | None = None
-        chunked = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "content-length":
-                length = int(value) if value.isdigit() else None
-            elif lower == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-        streamed: _StreamedBody | None = None
-        if length is None and not chunked:
-            body = proxy.Body(None)
-        elif length is not None and length <= services.proxy.replay_buffer_bytes:
-            content = await _read_body(receive, None)  # small: buffered, so a 401 can be replayed
-            body = proxy.Body(content, len(content))
-        else:
-            streamed = _StreamedBody(receive)
-            body = proxy.Body(streamed.chunks(), length)
-        return proxy.Call(
-            ident=ident, method=method, relative=relative, params=None, headers=headers, body=body
-        ), streamed
+
+async def _request_call(services: Services, scope: Scope, receive: Receive, ident: str) -> proxy.Call:
+    raw = await _read_body(receive, services.config.max_body_bytes)
+    check_nul(raw)
+    try:
+        data = msgspec.json.decode(raw, type=ProxyRequestBody)
+    except msgspec.ValidationError as e:
+        raise ValidationException(detail=str(e)[:300], extra=[{"message": str(e)[:300], "key": "body"}]) from None
+    except msgspec.DecodeError:
+        raise ValidationException(detail="The request body is not valid JSON.") from None
+    except RecursionError:
+        raise too_deep() from None
+    if data.data is not None:
+        check_depth(data.data, MAX_JSON_DEPTH - 1)  # the rest of the body is flat by its type
+    headers = dict(data.headers or {})
+    for name, value in headers.items():
+        proxy.check_caller_header(name, value)
+    content = encode_data(data.data, headers)
+    return proxy.Call(
+        ident=ident,
+        method=data.method,
+        relative=data.url,
+        params=data.params,
+        headers=headers.items(),
+        body=proxy.Body(content, len(content) if content is not None else None),
+    )
+
+
+async def _pass_through_call(
+    services: Services, scope: Scope, receive: Receive, ident: str
+) -> tuple[proxy.Call, _StreamedBody | None]:
+    method = scope["method"]
+    relative = raw_proxy_target(scope)
+    headers = _headers(scope)
+    length: int | None = None
+    chunked = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-length":
+            length = int(value) if value.isdigit() else None
+        elif lower == "transfer-encoding":
+            chunked = "chunked" in value.lower()
+    streamed: _StreamedBody | None = None
+    if length is None and not chunked:
+        body = proxy.Body(None)
+    elif length is not None and length <= services.proxy.replay_buffer_bytes:
+        content = await _read_body(receive, None)  # small: buffered, so a 401 can be replayed
+        body = proxy.Body(content, len(content))
+    else:
+        streamed = _StreamedBody(receive)
+        body = proxy.Body(streamed.chunks(), length)
+    return proxy.Call(ident=ident, method=method, relative=relative, params=None, headers=headers, body=body), streamed
 
 
 def _media_type(answer: proxy.Answer) -> str:

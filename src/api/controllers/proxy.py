@@ -1,23 +1,22 @@
 """The request proxy's two ways in (Informer contract §3.7): ``POST /request`` and ``/proxy/{path}``.
 
 ``/request`` takes an axios-style JSON body; ``/proxy/...`` is a streaming pass-through. Both
-routes are declared here, for routing, the OpenAPI document, authentication and the error
-handlers. Each is answered by its :class:`api.proxy_endpoint.ProxyEndpoint` route middleware at
-the ASGI level, so the handler functions below are never called (ADR 0013).
+routes are declared here for the OpenAPI document only: the application's front door
+(``api.app.ServiceApp``) serves every request to them through :mod:`api.proxy_endpoint` before
+Litestar's router sees it, so the handler functions below are never called (ADR 0013 §11).
 """
 
 from __future__ import annotations
 
 from litestar import Controller, Response, post, route
 from litestar.enums import HttpMethod
-from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 
-from api.proxy_endpoint import ProxyEndpoint, ProxyRequestBody
+from api.proxy_endpoint import ProxyRequestBody
 
 
 def _served_by_endpoint() -> AssertionError:
-    return AssertionError("answered by the ProxyEndpoint route middleware")
+    return AssertionError("answered by the proxy's front door (api.app.ServiceApp)")
 
 
 class ProxyController(Controller):
@@ -28,7 +27,6 @@ class ProxyController(Controller):
         "/request",
         summary="Call the integration's API with its credentials (Informer contract)",
         description="The upstream's status, filtered headers and body come back as the response itself.",
-        middleware=[DefineMiddleware(ProxyEndpoint, kind="request")],
     )
     async def request_call(self, ident: FromPath[str], data: JSONBody[ProxyRequestBody]) -> Response[bytes]:
         raise _served_by_endpoint()
@@ -42,8 +40,7 @@ class ProxyController(Controller):
             HttpMethod.PUT,
             HttpMethod.PATCH,
             HttpMethod.DELETE,
-            # Taken only to be refused (PX-2): otherwise Litestar answers OPTIONS itself (204 +
-            # Allow) and TRACE with a 405. Other unknown methods: see ``api.errors``.
+            # Refused with a 400 by the front door (PX-2), as is any other method.
             HttpMethod.OPTIONS,
             HttpMethod.TRACE,
         ],
@@ -55,7 +52,6 @@ class ProxyController(Controller):
         ),
         request_max_body_size=None,  # streamed: constant memory whatever the size
         opt={"streamed_body": True},  # not read by the input check (api.guards)
-        middleware=[DefineMiddleware(ProxyEndpoint, kind="pass_through")],
     )
     async def pass_through(self, ident: FromPath[str], path: FromPath[str]) -> Response[bytes]:
         raise _served_by_endpoint()
