@@ -229,8 +229,9 @@ def expand_headers(actor: Actor, integration: Integration, tenant_id: str) -> di
 
 
 def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -> yarl.URL:
-    """The upstream URL, confined under ``base_uri`` and re-checked as the sending client (aiohttp,
-    through yarl) parsed it (PX-1). The URL is sent exactly as built (``encoded=True``)."""
+    """The upstream URL, confined under ``base_uri`` and re-checked as the object the sending
+    client (``infrastructure.upstream_http``) sends (PX-1): built once as a ``yarl.URL`` with
+    ``encoded=True``, sent exactly as built."""
     base = _base(base_uri)
     path, query = confine(base, relative)
     text = f"{base.scheme}://{base.netloc}{path}" + ("?" + query if query else "")
@@ -491,7 +492,7 @@ async def _send(
     integration: Integration,
 ) -> Any:
     """One upstream call through ``services.upstream`` (``send(method, url, headers, content)``:
-    the guarded aiohttp client, whose errors arrive as httpx exceptions)."""
+    the proxy's own guarded client, whose errors are httpx exceptions)."""
     out = dict(headers)
     if creds is not None:
         url = inject(creds.auth_type, creds.values, integration.settings, out, url)

@@ -3,7 +3,7 @@ parsed by llhttp (``httptools``, the parser uvicorn serves with), under the egre
 
 Why our own (ADR 0015): the proxy's hot path is one small request and one small answer per call,
 and a general client's machinery was the largest share of a proxied call's CPU after the server
-itself (aiohttp's request path: about 75 µs of 400 per call at concurrency 64, ``bench/proxy.py
+itself (aiohttp's request path was about 75 µs of 400 per call at concurrency 64, ``bench/proxy.py
 --profile``). This client does only what the proxy needs: one head written with the body in one
 ``write``, the answer's head parsed in C, the connection back in the pool the moment the answer is
 complete. What it does *not* do is as deliberate: no redirects, no cookies, no decompression, no
