@@ -221,6 +221,7 @@ class _Connection(asyncio.Protocol):
         self._until_close = False  # no length, not chunked: the body ends when the connection does
         self._interim = False  # a 1xx answer is being parsed
         self._head_bytes = 0
+        self._fields_bytes = 0
         self.received = False  # any byte of an answer arrived
         self._complete = True  # the answer ended
         self._keep_alive = False
@@ -254,7 +255,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._protocol_error(f"malformed answer: {str(e)[:200]}")
             return
-        if self._response is None and not self._complete:
+        if self._complete:
+            # Only now, with the whole segment parsed: a stray byte after the answer in the same
+            # segment has had its say (``on_message_begin``), so the connection is never pooled
+            # with bytes of an answer nobody asked for.
+            self._release_if_done()
+        elif self._response is None:
             self._head_bytes += len(data)
             if self._head_bytes > self.pool.max_header_bytes:
                 self._protocol_error("the answer's headers are larger than allowed")
@@ -293,13 +299,20 @@ class _Connection(asyncio.Protocol):
     # -- llhttp callbacks -----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._complete:  # a second answer on one request
+        if self._complete:  # a second answer on one request: never reused, never read
             self._keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._complete:
+            return
+        self._fields_bytes += len(name) + len(value) + 4
+        if self._fields_bytes > self.pool.max_header_bytes:
+            raise httpx.RemoteProtocolError("the answer's headers are larger than allowed")
         self._headers._add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            return
         parser = self._parser
         status = parser.get_status_code()
         if status == 101:
@@ -307,6 +320,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._interim = True
             self._headers = UpstreamHeaders()
+            self._fields_bytes = 0
             return
         headers = self._headers
         response = UpstreamResponse(self, status, headers)
@@ -318,7 +332,7 @@ class _Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(response)
         if self._head_only:
-            self._message_complete()
+            self._message_complete()  # released (or closed) once the segment is parsed
         elif status not in (204, 304) and headers.get("content-length") is None:
             encoding = headers.get("transfer-encoding")
             self._until_close = encoding is None or "chunked" not in encoding.lower()
@@ -349,8 +363,6 @@ class _Connection(asyncio.Protocol):
             self._response._finish()
         if not self._uploaded:  # answered before the upload ended: the rest is not wanted
             self.abort()
-            return
-        self._release_if_done()
 
     def _release_if_done(self) -> None:
         if not (self._complete and self._uploaded) or self.closed:
@@ -372,7 +384,7 @@ class _Connection(asyncio.Protocol):
         self._headers = UpstreamHeaders()
         self._response = None
         self._until_close = self._interim = self.received = self._complete = False
-        self._head_bytes = 0
+        self._head_bytes = self._fields_bytes = 0
         self._head_only = head_only
         waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._head_waiter = waiter
@@ -389,10 +401,10 @@ class _Connection(asyncio.Protocol):
             # Cancelled (the caller's deadline) or failed. Before the answer's head, the
             # connection is still this request's: it goes. After it, the connection may already
             # serve another request; only an answer not read to its end takes its connection along.
-            if not waiter.done():
+            if self._head_waiter is waiter:  # no head yet (a cancelled wait cancels the waiter too)
                 self._head_waiter = None
                 self.abort()
-            elif not waiter.cancelled() and waiter.exception() is None:
+            elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 waiter.result().abandon()
             raise
 
@@ -460,6 +472,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.pool._closed(self)  # counts as gone now, not when the close completes
             if self.transport is not None:
                 self.transport.close()
 
@@ -470,8 +483,18 @@ class _Connection(asyncio.Protocol):
             upload.cancel()
         if not self.closed:
             self.closed = True
+            self.pool._closed(self)
             if self.transport is not None:
                 self.transport.abort()
+
+
+def _host_header(url: yarl.URL) -> str:
+    """The target's host and explicit port, as written; never its userinfo."""
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = url.explicit_port
+    return host if port is None else f"{host}:{port}"
 
 
 class _Stale(Exception):
@@ -501,7 +524,7 @@ class GuardedUpstream:
         self._ssl = ssl_context(verify)
         self._connect_timeout = timeout.connect
         self._max = limits.max_connections or 0
-        self._max_idle = limits.max_keepalive_connections or 0
+        self._max_idle = limits.max_keepalive_connections  # None: no limit; 0: none kept
         self._expiry = limits.keepalive_expiry if limits.keepalive_expiry is not None else 15.0
         self.max_header_bytes = max_header_bytes
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
@@ -538,7 +561,7 @@ class GuardedUpstream:
         for _ in range(3):
             conn = None if fresh_only else self._take_idle(key)
             if conn is None:
-                conn = await self._connect(key)
+                conn = await self._connect(key, fresh_only)
             try:
                 return await conn.exchange(head, content, length, method == "HEAD")
             except _Stale:
@@ -559,7 +582,7 @@ class GuardedUpstream:
         target = url.raw_path_qs or "/"
         if not target.startswith("/"):
             target = "/" + target
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {url.raw_authority}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {_host_header(url)}"]
         length: int | None = None
         agent = accept = False
         for name, value in headers.items():
@@ -626,7 +649,7 @@ class GuardedUpstream:
         conn.idle_since = loop.time()
         idle = self._idle.setdefault(conn.key, [])
         idle.append(conn)
-        if self._max_idle and len(idle) > self._max_idle:
+        if self._max_idle is not None and len(idle) > self._max_idle:
             idle.pop(0).close()
         if self._waiters:
             self._wake_one()
@@ -654,41 +677,42 @@ class GuardedUpstream:
         now = loop.time()
         remaining = False
         for key, idle in list(self._idle.items()):
-            keep = []
-            for conn in idle:
-                if conn.closed:
-                    continue
-                if now - conn.idle_since > self._expiry:
-                    conn.close()
-                else:
-                    keep.append(conn)
-            if keep:
-                self._idle[key] = keep
+            for conn in [c for c in idle if now - c.idle_since > self._expiry]:
+                conn.close()  # leaves ``idle`` itself
+            if idle:
                 remaining = True
             else:
-                del self._idle[key]
+                self._idle.pop(key, None)
         if remaining and not self._closing:
             self._sweeper = loop.call_later(self._expiry, self._sweep)
 
-    async def _room(self) -> None:
-        """Wait until one more connection may be opened (within the caller's deadline)."""
+    async def _room(self, key: tuple[str, str, int], fresh_only: bool) -> _Connection | None:
+        """Wait until one more connection may be opened (within the caller's deadline), or until
+        a connection to this server is released meanwhile (returned, to be used instead)."""
         while self._max and len(self._open) + self._connecting >= self._max:
-            for idle in self._idle.values():  # an idle connection to another server makes room
-                if idle:
-                    idle.pop(0).close()
-                    break
-            else:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter
-                finally:
-                    if not waiter.done():
-                        waiter.cancel()
+            if not fresh_only:
+                conn = self._take_idle(key)
+                if conn is not None:
+                    return conn
+            victim = next((idle for idle in self._idle.values() if idle), None)
+            if victim is not None:  # an idle connection to another server makes room
+                victim[0].close()  # leaves the idle list and the open count at once
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        return None
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, key: tuple[str, str, int], fresh_only: bool = False) -> _Connection:
+        """A new connection, or a pooled one released while waiting for room."""
         scheme, host, port = key
-        await self._room()
+        pooled = await self._room(key, fresh_only)
+        if pooled is not None:
+            return pooled
         self._connecting += 1
         try:
             addresses = await self._addresses(host, port)
