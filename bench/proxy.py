@@ -648,9 +648,7 @@ def append_docs(results: dict[str, Any], table: str) -> None:
         f"Date (`date -u`): {results['date']}",
         "",
         f"Machine: `nproc` = {m['nproc']}; CPU: {m['cpu_model']}; Python {v['python']}; uvicorn {v['uvicorn']}"
-        + "".join(
-            f", {k} {v[k]}" for k in ("litestar", "httpx", "uvloop", "httptools") if k in v
-        )
+        + "".join(f", {k} {v[k]}" for k in ("litestar", "httpx", "uvloop", "httptools") if k in v)
         + f"; load generator: {m['wrk']} (`-t1`, {results['duration']:g} s per case); upstream: {up['kind']}"
         + (f" {up['version']}" if up.get("version") else "")
         + f" answering {len(UPSTREAM_BODY)} bytes of JSON; store: {results['store']}; server: `integrations serve`, "

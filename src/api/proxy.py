@@ -32,8 +32,9 @@ from domain.audit import SYSTEM_ACTOR
 from domain.errors import NotFound, ValidationFailed, field_error
 from domain.integration import Integration
 from domain.paths import Base, PathRejected, confine, within
-from domain.settings import HEADER_NAME
+from domain.settings import HEADER_NAME, connection_field, host_allowed
 from domain.templates import TemplateError, parse_template, template_values
+from domain.urls import UrlPolicy
 
 log = logging.getLogger("integrations.proxy")
 
@@ -243,6 +244,64 @@ def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -
     return url
 
 
+class Target:
+    """Where the call goes: a URL built and checked up front, or (``apiBaseUri`` is
+    ``$connection.<field>``, PX-3) one built per call from the connection's value of ``field``,
+    checked then against the URL rules and the integration's ``apiBaseUriHosts``."""
+
+    __slots__ = ("field", "hosts", "params", "policy", "relative", "url")
+
+    def __init__(
+        self,
+        url: yarl.URL | None,
+        relative: str = "",
+        params: Mapping[str, Any] | None = None,
+        field: str = "",
+        hosts: tuple[str, ...] = (),
+        policy: UrlPolicy | None = None,
+    ) -> None:
+        self.url = url
+        self.relative = relative
+        self.params = params
+        self.field = field
+        self.hosts = hosts
+        self.policy = policy or UrlPolicy()
+
+    def resolve(self, creds: Any) -> yarl.URL:
+        if self.url is not None:
+            return self.url
+        value = creds.metadata.get(self.field) if creds is not None else None
+        if not value:
+            raise ApiError(
+                502,
+                f"The connection holds no {self.field} to send requests to: connect again.",
+                code="api_base_uri_unresolved",
+            )
+        if not _connection_base_allowed(value, self.hosts, self.policy):
+            raise ApiError(
+                502,
+                f"The {self.field} the provider gave is not a base URL this integration allows.",
+                code="api_base_uri_rejected",
+            )
+        return target_url(value, self.relative, self.params)
+
+
+# Path rules are checked against this before any credential is opened when the real base is the
+# connection's; the real base is checked again when it is known.
+_NEUTRAL_BASE = "https://connection.invalid/"
+
+
+@functools.lru_cache(maxsize=1024)
+def _connection_base_allowed(value: str, hosts: tuple[str, ...], policy: UrlPolicy) -> bool:
+    """A base URL from token-response data (the authorization server is not trusted, PX-3): the
+    same rules as a saved ``apiBaseUri`` (absolute, https unless allow-listed, no userinfo or
+    fragment) and, when the integration lists hosts, one of those."""
+    if policy.problem(value) is not None:
+        return False
+    host = yarl.URL(value, encoded=True).raw_host or ""
+    return not hosts or host_allowed(host, hosts)
+
+
 @functools.lru_cache(maxsize=1024)
 def _base(base_uri: str) -> Base:
     """``Base.parse`` once per distinct ``apiBaseUri`` (a pure function of the text)."""
@@ -311,7 +370,13 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
     base_uri = settings.get("api_base_uri")
     if not base_uri:
         raise ValidationFailed("This integration has no apiBaseUri to send requests to.")
-    url = target_url(str(base_uri), call.relative, call.params)
+    field = connection_field(settings)
+    if field is None:
+        target = Target(target_url(str(base_uri), call.relative, call.params))
+    else:
+        target_url(_NEUTRAL_BASE, call.relative, call.params)  # a path attack: 400 before any credential
+        hosts = tuple(settings.get("api_base_uri_hosts") or ())
+        target = Target(None, call.relative, call.params, field, hosts, services.app.url_policy)
     headers = dict(request_headers(call.headers))
     templates = settings.get("headers")
     secret_headers = False
@@ -362,7 +427,7 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
             # is streamed): the overall deadline (PX-9).
             async with asyncio.timeout_at(deadline):
                 response = await _send_with_credentials(
-                    services, actor, integration, auth_type, method, url, headers, call.body, secret_headers
+                    services, actor, integration, auth_type, method, target, headers, call.body, secret_headers
                 )
                 out_headers = response_headers(response.headers)
                 length = response.headers.get("content-length")
@@ -455,7 +520,7 @@ async def _send_with_credentials(
     integration: Integration,
     auth_type: str,
     method: str,
-    url: yarl.URL,
+    target: Target,
     headers: dict[str, str],
     body: Body,
     secret_headers: bool = False,
@@ -468,7 +533,7 @@ async def _send_with_credentials(
             _set(headers, name, value)
     if auth_type != "none":
         creds = await _credentials(services, actor, integration, None)
-    response = await _send(services, method, url, headers, body, creds, integration)
+    response = await _send(services, method, target, headers, body, creds, integration)
     if (
         response.status_code == 401
         and creds is not None
@@ -478,14 +543,14 @@ async def _send_with_credentials(
     ):
         await response.aclose()
         creds = await _credentials(services, actor, integration, creds.generation)
-        response = await _send(services, method, url, headers, body, creds, integration)
+        response = await _send(services, method, target, headers, body, creds, integration)
     return response
 
 
 async def _send(
     services: Services,
     method: str,
-    url: yarl.URL,
+    target: Target,
     headers: dict[str, str],
     body: Body,
     creds: Any,
@@ -494,6 +559,7 @@ async def _send(
     """One upstream call through ``services.upstream`` (``send(method, url, headers, content)``:
     the proxy's own guarded client, whose errors are httpx exceptions)."""
     out = dict(headers)
+    url = target.resolve(creds)
     if creds is not None:
         url = inject(creds.auth_type, creds.values, integration.settings, out, url)
     if body.content is not None and body.length is not None:

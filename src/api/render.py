@@ -25,6 +25,7 @@ _PUBLIC_SETTINGS = (
     "auth_uri",
     "token_uri",
     "api_base_uri",
+    "api_base_uri_hosts",
     "revocation_uri",
     "issuer",
     "client_id",

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import secrets as pysecrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,7 +45,7 @@ from domain.connection import CONNECTED, REAUTHORIZATION_REQUIRED, SHARED_OWNER,
 from domain.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed, field_error
 from domain.integration import Integration
 from domain.oauth import ClientConfigError, InvalidGrant, OAuthError, ProtocolError, TokenSet, TransientError
-from domain.settings import camel
+from domain.settings import camel, connection_field
 
 VERIFIER_FIELD = "pkce_verifier"  # the vault field of a pending authorization's PKCE verifier
 PRUNE_GRACE = timedelta(minutes=5)  # beyond an authorization's expiry, before its verifier goes
@@ -130,6 +130,8 @@ class Credentials:
     connection_id: UUID | None
     generation: int
     expires_at: datetime | None = None  # the access token's expiry (oauth2)
+    # Non-secret token-response fields kept with the connection (``instance_url``, PX-3).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,6 +402,7 @@ class Connections:
             token_expires_at=tokens.expires_at.isoformat(),
             account=account,
             pending=pending,
+            metadata=_metadata(integration, tokens) or {},
         )
 
     def _seal(self, integration_id: UUID, cid: UUID, values: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -418,6 +421,7 @@ class Connections:
         token_expires_at: str | None,
         account: dict[str, str] | None,
         pending: PendingAuthorization | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Written[Connection]:
         shared = owner == SHARED_OWNER
         cid = connection_id(integration.id, None if shared else owner)
@@ -439,6 +443,7 @@ class Connections:
                 refresh_token_expires_at=None,
                 account=account,
                 epoch=integration.connection_epoch,
+                metadata=metadata,
             )
             touched: list[Any] = [connection]
             if pending is not None:
@@ -697,7 +702,9 @@ class Connections:
             connection = await self._refreshed(integration, connection, force=False)
         token = await asyncio.to_thread(self._access_token, integration, connection)
         expires = datetime.fromisoformat(connection.token_expires_at) if connection.token_expires_at else None
-        return Credentials("oauth2", {"access_token": token}, connection.id, connection.generation, expires)
+        return Credentials(
+            "oauth2", {"access_token": token}, connection.id, connection.generation, expires, connection.metadata
+        )
 
     def _open_own(self, integration: Integration, refs: Mapping[str, dict[str, str]]) -> dict[str, str]:
         return {k: self.app.vault.open(integration.id, k, r["ref"]) for k, r in refs.items()}
@@ -883,6 +890,7 @@ class Connections:
                 scopes=(tokens.scope or "").split(),
                 token_expires_at=tokens.expires_at.isoformat(),
                 refresh_token_expires_at=None,
+                metadata=_metadata(integration, tokens),
             )
             self.app._store(fresh)
             return fresh
@@ -936,3 +944,14 @@ def _error_code(value: str) -> str:
     """An OAuth error code as we record and show it: lower-case ``[a-z0-9_]``, at most 64 chars."""
     code = value.strip().lower()[:64]
     return code if code and set(code) <= _ERROR_CODE_CHARS else "invalid_error_response"
+
+
+def _metadata(integration: Integration, tokens: TokenSet) -> dict[str, str] | None:
+    """The token-response fields this integration uses, when the response carried them: the
+    field its ``apiBaseUri`` names (``$connection.instance_url``). Only that one: nothing else
+    of a token response is kept (the parser already left out tokens and secret-looking fields)."""
+    name = connection_field(integration.settings)
+    if name is None:
+        return None
+    value = tokens.raw_extra.get(name)
+    return {name: value} if isinstance(value, str) and value else None

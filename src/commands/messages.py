@@ -59,7 +59,12 @@ class IntegrationBody(msgspec.Struct, **_STRUCT):
     scope: Text | UnsetType | None = UNSET
     auth_uri: Url | UnsetType | None = UNSET
     token_uri: Url | UnsetType | None = UNSET
+    # A URL, or for oauth2 ``$connection.<field>``: the URL the token response names (PX-3).
     api_base_uri: Url | UnsetType | None = UNSET
+    # The hosts a ``$connection.<field>`` URL may name (``*.my.salesforce.com``); checked on each request.
+    api_base_uri_hosts: (
+        Annotated[list[Annotated[str, Meta(max_length=253)]], Meta(max_length=20)] | UnsetType | None
+    ) = UNSET
     revocation_uri: Url | UnsetType | None = UNSET
     # The authorization server's issuer identifier (RFC 8414/9207): when set, the callback's
     # ``iss`` must equal it exactly (mix-up defence, OA-7).

@@ -47,9 +47,19 @@ class Connection(AuditedAggregate):
         refresh_token_expires_at: str | None
         account: dict[str, str] | None  # {"name", "email", "sub"} when the provider tells
         epoch: int  # the integration's connection epoch it was made under
+        # Non-secret token-response fields the integration uses (``instance_url`` when its
+        # apiBaseUri is ``$connection.instance_url``, PX-3). Added in class version 2.
+        metadata: dict[str, str]
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["metadata"] = {}
 
         def apply(self, aggregate: Connection) -> None:
             aggregate.status = CONNECTED
+            aggregate.metadata = dict(self.metadata)
             aggregate.epoch = self.epoch
             aggregate.auth_type = self.auth_type
             aggregate.credentials = dict(self.credentials)
@@ -69,9 +79,20 @@ class Connection(AuditedAggregate):
         scopes: list[str]
         token_expires_at: str | None
         refresh_token_expires_at: str | None
+        # The used token-response fields when the refresh answer carried them again (a tenant
+        # moved to another instance); ``None``: unchanged. Added in class version 2.
+        metadata: dict[str, str] | None
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["metadata"] = None
 
         def apply(self, aggregate: Connection) -> None:
             aggregate.credentials["access_token"] = self.access_token
+            if self.metadata is not None:
+                aggregate.metadata = dict(self.metadata)
             if self.refresh_token is not None:
                 aggregate.credentials["refresh_token"] = self.refresh_token
             if self.scopes:
@@ -148,6 +169,7 @@ class Connection(AuditedAggregate):
         self.token_expires_at: str | None = None
         self.refresh_token_expires_at: str | None = None
         self.account: dict[str, str] | None = None
+        self.metadata: dict[str, str] = {}
         self.last_authorized_at: str | None = None
         self.last_refreshed_at: str | None = None
         self.last_error: dict[str, Any] | None = None
@@ -170,6 +192,7 @@ class Connection(AuditedAggregate):
         refresh_token_expires_at: str | None,
         account: dict[str, str] | None,
         epoch: int = 0,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         """A new authorization (connect or re-connect) replaces whatever was there."""
         self.trigger_event(
@@ -181,6 +204,7 @@ class Connection(AuditedAggregate):
             refresh_token_expires_at=refresh_token_expires_at,
             account=account,
             epoch=epoch,
+            metadata=dict(metadata or {}),
         )
 
     def refreshed(
@@ -192,6 +216,7 @@ class Connection(AuditedAggregate):
         scopes: list[str],
         token_expires_at: str | None,
         refresh_token_expires_at: str | None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         """Record a refresh made from credential ``generation`` (the one the refresher read)."""
         self._expect(generation)
@@ -202,6 +227,7 @@ class Connection(AuditedAggregate):
             scopes=scopes,
             token_expires_at=token_expires_at,
             refresh_token_expires_at=refresh_token_expires_at,
+            metadata=metadata,
         )
 
     def refresh_failed(self, *, generation: int, error: str, kind: str, retry_after: float | None) -> None:

@@ -47,6 +47,16 @@ AUTH_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "oauth2": {"token_auth_method": "client_secret_basic"},
 }
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+# An oauth2 integration's apiBaseUri may name a field of the token response instead of a URL
+# (``$connection.instance_url``: Salesforce, and others that answer with a per-tenant host). The
+# value is kept with the connection and checked on every request (security note PX-3).
+CONNECTION_REF = re.compile(r"\$connection\.([A-Za-z_][A-Za-z0-9_]{0,63})")
+CONNECTION_REF_PREFIX = "$connection."
+# ``apiBaseUriHosts``: the hosts such a URL may name, exact (``api.example.com``) or one wildcard
+# label deep and more (``*.my.salesforce.com``).
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_PATTERN = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})+|{_LABEL}|\d{{1,3}}(?:\.\d{{1,3}}){{3}}")
+MAX_HOST_PATTERNS = 20
 # Headers the service owns on the outbound request; a template may not set them.
 RESERVED_HEADERS = frozenset(
     {
@@ -96,6 +106,29 @@ def secret_header_problem(value: str) -> str | None:
     return None
 
 
+def connection_field(settings: Mapping[str, Any]) -> str | None:
+    """The token-response field an integration's ``apiBaseUri`` names (``$connection.<field>``),
+    or ``None`` when it is a URL."""
+    value = settings.get("api_base_uri")
+    if isinstance(value, str) and value.startswith(CONNECTION_REF_PREFIX):
+        match = CONNECTION_REF.fullmatch(value)
+        return match.group(1) if match else None
+    return None
+
+
+def host_allowed(host: str, patterns: Iterable[str]) -> bool:
+    """Whether ``host`` (a URL's host name, any case) matches one of ``patterns``; a
+    ``*.example.com`` pattern matches any name under ``example.com``, not ``example.com`` itself."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
 def normalise(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical spellings and defaults; unknown auth types are left for :func:`check`."""
     out = dict(settings)
@@ -134,10 +167,13 @@ def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: U
             errors.append(field_error(camel(key), f"is required for authType {auth}"))
     for key in URL_FIELDS:
         value = settings.get(key)
-        if value:
+        if key == "api_base_uri" and isinstance(value, str) and value.startswith(CONNECTION_REF_PREFIX):
+            errors.extend(_check_connection_ref(value, auth))
+        elif value:
             problem = policy.problem(value)
             if problem:
                 errors.append(field_error(camel(key), problem))
+    errors.extend(_check_host_patterns(settings.get("api_base_uri_hosts")))
     if settings.get("api_key_location", "header") not in API_KEY_LOCATIONS:
         errors.append(field_error("apiKeyLocation", "must be header or query"))
     if settings.get("token_auth_method", "client_secret_basic") not in TOKEN_AUTH_METHODS:
@@ -148,6 +184,26 @@ def check(settings: Mapping[str, Any], secrets_present: Iterable[str], policy: U
     errors.extend(_check_headers(settings.get("headers") or {}, _service_headers(settings), present))
     if errors:
         raise ValidationFailed("The integration is not valid.", errors)
+
+
+def _check_connection_ref(value: str, auth: Any) -> list[dict[str, str]]:
+    if auth != "oauth2":
+        return [field_error("apiBaseUri", "a $connection.<field> reference needs authType oauth2")]
+    if not CONNECTION_REF.fullmatch(value):
+        return [field_error("apiBaseUri", "must be a URL or $connection.<field> (a token-response field name)")]
+    return []
+
+
+def _check_host_patterns(patterns: Any) -> list[dict[str, str]]:
+    if patterns is None:
+        return []
+    if not isinstance(patterns, list) or len(patterns) > MAX_HOST_PATTERNS:
+        return [field_error("apiBaseUriHosts", f"must be a list of at most {MAX_HOST_PATTERNS} host names")]
+    return [
+        field_error(f"apiBaseUriHosts.{i}", "must be a lower-case host name, optionally starting with *.")
+        for i, pattern in enumerate(patterns)
+        if not isinstance(pattern, str) or not HOST_PATTERN.fullmatch(pattern)
+    ]
 
 
 def _service_headers(settings: Mapping[str, Any]) -> frozenset[str]:

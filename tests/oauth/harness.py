@@ -278,9 +278,16 @@ class OAuthServer:
     def reset_stats(self) -> None:
         self._http.post("/__stats/reset").raise_for_status()
 
+    def token_extra(self, **fields: str) -> None:
+        """Add these fields to every successful token response (``instance_url=...``, as
+        Salesforce does); none: add nothing."""
+        self._http.post("/__token-extra", json=fields).raise_for_status()
+
     def reset(self) -> None:
-        """Clear faults and zero the stats (provider state — grants, tokens — is kept)."""
+        """Clear faults, extra token-response fields and the stats (provider state — grants,
+        tokens — is kept)."""
         self.reset_faults()
+        self.token_extra()
         self.reset_stats()
 
     def browser(self, **kwargs: Any) -> Browser:

@@ -79,6 +79,10 @@ async function readRaw(req) {
 const ENDPOINTS = new Set(['token', 'revocation', 'api']);
 const faults = new Map(); // endpoint -> {status?, delayMs?, delayAfterMs?, count, retryAfter?, error?}
 
+// ---- extra token-response fields (POST /__token-extra {"instance_url": ...}; {} clears) --------
+// Added to every successful token response, as Salesforce adds instance_url.
+let tokenExtra = {};
+
 function endpointOf(ctx) {
   if (ctx.method === 'POST' && ctx.path === '/token') return 'token';
   if (ctx.method === 'POST' && ctx.path === '/token/revocation') return 'revocation';
@@ -213,6 +217,16 @@ server.listen(REQUESTED_PORT, '127.0.0.1', () => {
       ctx.status = 204;
       return;
     }
+    if (ctx.path === '/__token-extra' && ctx.method === 'POST') {
+      try {
+        const raw = await readRaw(ctx.req);
+        tokenExtra = raw ? JSON.parse(raw) : {};
+      } catch {
+        json(ctx, 400, { error: 'bad token-extra spec' }); return;
+      }
+      ctx.status = 204;
+      return;
+    }
     if (ctx.path === '/__stats' && ctx.method === 'GET') { json(ctx, 200, stats); return; }
     if (ctx.path === '/__stats/reset' && ctx.method === 'POST') { resetStats(); ctx.status = 204; return; }
 
@@ -240,6 +254,10 @@ server.listen(REQUESTED_PORT, '127.0.0.1', () => {
       await whoami(ctx, provider);
     } else {
       await next();
+      const b = ctx.body;
+      if (endpoint === 'token' && b && typeof b === 'object' && !Buffer.isBuffer(b) && b.access_token) {
+        ctx.body = { ...b, ...tokenExtra };
+      }
     }
     record(endpoint, ctx, ctx.oidc?.body ?? null, f);
     if (f?.delayAfterMs) await sleep(f.delayAfterMs);
