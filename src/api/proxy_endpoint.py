@@ -28,6 +28,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
+from litestar.utils import normalize_path
 from msgspec import Meta
 
 from api import proxy
@@ -147,6 +148,10 @@ def proxy_route(scope: Scope) -> tuple[str, str] | None:
     same requests Litestar's router sends to the two routes of ``api.controllers.proxy``, plus the
     methods it would refuse under ``/proxy`` with a 405 (they get the proxy's 400, PX-2)."""
     path: str = scope["path"]
+    if "//" in path or path.endswith("/"):
+        # Litestar routes on the path with repeated slashes collapsed and the trailing ones
+        # stripped (``litestar.utils.normalize_path``): ``.../x//request/`` reaches ``/request``.
+        path = normalize_path(path)
     if not path.startswith("/api/integrations/"):
         return None
     match = _ROUTE.fullmatch(path)

@@ -383,3 +383,26 @@ def test_request_body_is_checked_before_anything_is_sent(api: Api, upstream: Ups
     r = api.client.post(url, json={"url": "echo", "method": "POST", "data": shallow}, headers=alice)
     assert r.status_code == 200, r.text
     assert upstream.count() == 1
+
+
+def test_every_spelling_litestar_routes_to_the_proxy_is_served_by_the_front_door(api: Api, upstream: Upstream) -> None:
+    """Litestar routes on the path with repeated slashes collapsed and trailing ones stripped; the
+    front door must take every such spelling, or it reaches a handler that is never meant to run
+    (a 500)."""
+    alice = api.user("alice")
+    iid = apikey(api, alice, upstream)["id"]
+    for path in (
+        f"/api/integrations/{iid}/request/",
+        f"/api/integrations/{iid}/request///",
+        f"/api/integrations/{iid}//request",
+        f"/api//integrations/{iid}/request",
+    ):
+        r = api.client.post(path, json={"url": "echo/x"}, headers=alice)
+        assert r.status_code == 200, (path, r.text)
+        assert upstream.last().target == "/v1/echo/x"
+    for path in (f"/api/integrations/{iid}/proxy", f"/api/integrations/{iid}/proxy/"):
+        r = api.client.get(path, headers=alice)
+        assert r.status_code != 500, (path, r.text)
+        assert upstream.last().target == "/v1/"
+    r = api.client.get(f"/api/integrations/{iid}//proxy/echo/y", headers=alice)
+    assert r.status_code == 400 and r.json()["statusCode"] == 400  # the raw path is malformed: refused
