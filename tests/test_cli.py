@@ -420,3 +420,28 @@ def test_serve_workers_need_postgres_and_external_projections(settings: Settings
     result = cli(env, "serve", "--workers", "2", "--port", str(free_port()), expect=2, timeout=30)
     assert "needs PostgreSQL and INTEGRATIONS_PROJECTIONS=external" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_served_app_freezes_its_startup_heap_and_a_test_app_does_not(settings: Settings) -> None:
+    """A serving process moves what startup loaded out of the collector's reach (``gc.freeze``),
+    so full collections stop pausing the loop for tens of milliseconds; an app built by tests
+    does not (what is frozen is never collected)."""
+    import gc
+
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from cli.main import _served_app
+    from cli.runtime import build_runtime
+
+    gc.unfreeze()
+    try:
+        with TestClient(app=create_app(build_runtime(settings).services)) as client:
+            assert client.get("/health").status_code == 200
+            assert gc.get_freeze_count() == 0
+        served = _served_app(build_runtime(settings.with_(data_dir=settings.data_dir.parent / "served")).services)
+        with TestClient(app=served) as client:
+            assert client.get("/health").status_code == 200
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -75,6 +75,8 @@ class Services:
     connections_view: Any = None  # projections.connections.ConnectionsView
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run while serving
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, set by the lifespan
+    # Freeze the heap after startup (``gc.freeze``): for a serving process, not for tests' apps.
+    freeze_heap_after_start: bool = False
 
     def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the server's loop from a sync handler's worker thread, and wait."""

@@ -47,12 +47,19 @@ def _configure_logging(level: str) -> None:
 def worker_app() -> Any:
     """The ASGI app of one ``serve --workers N`` worker process (a uvicorn factory): each worker
     builds its own runtime from the ``INTEGRATIONS_*`` environment the supervisor passed on."""
-    from api.access_log import access_log_middleware
-    from api.app import create_app
     from cli.runtime import build_runtime
 
     _configure_logging(os.environ.get("INTEGRATIONS_LOG_LEVEL", "info"))
-    return access_log_middleware(create_app(build_runtime(Settings.from_env()).services))
+    return _served_app(build_runtime(Settings.from_env()).services)
+
+
+def _served_app(services: Any) -> Any:
+    """The app a server process serves: access-logged, its startup heap frozen once up."""
+    from api.access_log import access_log_middleware
+    from api.app import create_app
+
+    services.freeze_heap_after_start = True
+    return access_log_middleware(create_app(services))
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
@@ -91,8 +98,6 @@ def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.access_log import access_log_middleware
-    from api.app import create_app
     from cli.runtime import build_runtime
 
     settings = _settings(args)
@@ -100,9 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_workers(args, settings)
     runtime = build_runtime(settings)
     log.info("serving on http://%s:%d (%s store)", args.host, args.port, settings.backend)
-    server = uvicorn.Server(
-        uvicorn.Config(access_log_middleware(create_app(runtime.services)), **_uvicorn_options(args))
-    )
+    server = uvicorn.Server(uvicorn.Config(_served_app(runtime.services), **_uvicorn_options(args)))
 
     def stop(*_: object) -> None:
         server.should_exit = True
