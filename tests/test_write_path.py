@@ -119,8 +119,10 @@ def test_a_follower_reading_during_concurrent_saves_misses_nothing(app: Integrat
     seen: list[int] = []
     errors: list[BaseException] = []
 
+    start = app.recorder.max_notification_id() or 0
+
     def follow() -> None:
-        position = app.recorder.max_notification_id() or 0
+        position = start  # read before any writer starts (read in the thread, it could be later)
         while True:
             finished = done.is_set()
             batch = app.recorder.select_notifications(start=position, limit=500, inclusive_of_start=False)
@@ -137,7 +139,6 @@ def test_a_follower_reading_during_concurrent_saves_misses_nothing(app: Integrat
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    start = app.recorder.max_notification_id() or 0
     follower = threading.Thread(target=follow)
     follower.start()
     threads = [threading.Thread(target=write) for _ in range(writers)]

@@ -15,7 +15,7 @@ import asyncio
 import base64
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -69,6 +69,12 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     "via",
     "expect",
     "x-wait-for-position",
+    # Overrides some frameworks honour: they would move the call off the checked path or method.
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 }
 # Never returned to the caller (PX-7): hop-by-hop, cookies for our origin, anything that would
 # widen what other origins or the browser may do with this origin.
@@ -83,6 +89,17 @@ _RESPONSE_DROP = _HOP_BY_HOP | {
     "x-content-type-options",
     "date",
     "server",
+    # Policies of our origin, not the upstream's to set for it.
+    "strict-transport-security",
+    "service-worker-allowed",
+    "cross-origin-opener-policy",
+    "cross-origin-embedder-policy",
+    "permissions-policy",
+    "origin-agent-cluster",
+    "public-key-pins",
+    "expect-ct",
+    "nel",
+    "report-to",
 }
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -125,6 +142,10 @@ class Answer:
     headers: dict[str, str]
     content: bytes | None
     stream: AsyncIterator[bytes] | None = None
+    # With a stream: when the relay must end (the call's overall deadline, loop time), and what
+    # frees its slots and upstream connection even if the relay never starts (idempotent).
+    deadline: float = 0.0
+    close: Callable[[], None] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,9 +257,12 @@ def target_url(base_uri: str, relative: str, params: Mapping[str, Any] | None) -
     base = _base(base_uri)
     path, query = confine(base, relative)
     text = f"{base.scheme}://{base.netloc}{path}" + ("?" + query if query else "")
-    if params:  # httpx's encoding of axios-style params, merged into the query
-        text = str(httpx.URL(text).copy_merge_params(_params(params)))
-    url = yarl.URL(text, encoded=True)
+    try:
+        if params:  # httpx's encoding of axios-style params, merged into the query
+            text = str(httpx.URL(text).copy_merge_params(_params(params)))
+        url = yarl.URL(text, encoded=True)
+    except (ValueError, httpx.InvalidURL):  # e.g. a host 256.1.1.1: a reg-name to one, an IP to another
+        raise BaseUnusable from None
     if url.raw_user is not None or url.raw_fragment or not within(base, url.scheme, url.raw_authority, url.raw_path):
         raise PathRejected("the URL leaves the integration's base URL")
     return url
@@ -277,18 +301,31 @@ class Target:
                 f"The connection holds no {self.field} to send requests to: connect again.",
                 code="api_base_uri_unresolved",
             )
-        if not _connection_base_allowed(value, self.hosts, self.policy):
-            raise ApiError(
-                502,
-                f"The {self.field} the provider gave is not a base URL this integration allows.",
-                code="api_base_uri_rejected",
-            )
-        return target_url(value, self.relative, self.params)
+        try:
+            if _connection_base_allowed(value, self.hosts, self.policy):
+                return target_url(value, self.relative, self.params)
+        except (BaseUnusable, PathRejected):
+            pass
+        raise ApiError(
+            502,
+            f"The {self.field} the provider gave is not a base URL this integration allows.",
+            code="api_base_uri_rejected",
+        )
 
 
 # Path rules are checked against this before any credential is opened when the real base is the
 # connection's; the real base is checked again when it is known.
 _NEUTRAL_BASE = "https://connection.invalid/"
+
+
+class BaseUnusable(ValidationFailed):
+    """A base URL the URL rules accept but the client cannot send to."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The integration's apiBaseUri is not a URL requests can be sent to.",
+            [field_error("apiBaseUri", "invalid")],
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -298,7 +335,10 @@ def _connection_base_allowed(value: str, hosts: tuple[str, ...], policy: UrlPoli
     fragment) and, when the integration lists hosts, one of those."""
     if policy.problem(value) is not None:
         return False
-    host = yarl.URL(value, encoded=True).raw_host or ""
+    try:
+        host = yarl.URL(value, encoded=True).raw_host or ""
+    except ValueError:
+        return False
     return not hosts or host_allowed(host, hosts)
 
 
@@ -459,7 +499,13 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
     except BaseException:
         release()
         raise
-    return Answer(response.status_code, out_headers, None, _relay(response, deadline, size_cap, release))
+
+    def close() -> None:
+        release()
+        response.abandon()
+
+    stream = _relay(response, deadline, size_cap, release)
+    return Answer(response.status_code, out_headers, None, stream, deadline, close)
 
 
 # The loader reads an integration whatever its shares say; the caller's own access is checked on

@@ -18,6 +18,7 @@ decoding answers). Errors raised before the answer starts are rendered by the er
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -184,6 +185,8 @@ async def serve(app: Litestar, kind: str, ident: str, scope: Scope, receive: Rec
     except Exception as exc:
         if started:  # the answer is under way: the server cuts the connection, never a half answer
             raise AnswerCut("the answer was cut after it started") from exc
+        if isinstance(exc, TimeoutError):  # the deadline, before anything went out
+            exc = ApiError(504, "The upstream did not answer in time.", code="upstream_timeout")
         response = error_response(Request(scope, receive, send), exc)
         await response.to_asgi_response(app=None, request=Request(scope, receive, send))(scope, receive, send)
 
@@ -199,21 +202,33 @@ async def _serve(services: Services, kind: str, ident: str, scope: Scope, receiv
     except ClientDisconnected:
         return  # nobody to answer
     if answer.stream is None and answer.content is None:
-        await _send_headers_only(answer, send)
+        await _send_headers_only(answer, scope["method"] == "HEAD", send)
     elif answer.stream is None:
         await _send_whole(answer, send)
-    elif body is not None and not body.done:
-        # The upload still owns ``receive``: relay without watching for a disconnect (the
-        # relay's own deadline bounds it).
-        await _send_stream_plain(answer, send)
     else:
-        # Litestar's streaming response, which also stops relaying when the caller goes away.
-        stream = Stream(
-            answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer)
-        )
-        request: Request[Any, Any, Any] = Request(scope, receive, send)
-        asgi = stream.to_asgi_response(app=None, request=request, is_head_response=scope["method"] == "HEAD")
-        await asgi(scope, receive, send)
+        try:
+            # The overall deadline bounds the whole relay, sending to the caller included: a caller
+            # that reads slowly must not hold the slots and the upstream connection past it.
+            async with asyncio.timeout_at(answer.deadline):
+                await _send_stream(answer, body, scope, receive, send)
+        finally:
+            if answer.close is not None:
+                answer.close()  # also when the relay never started (its head could not be sent)
+
+
+async def _send_stream(
+    answer: proxy.Answer, body: _StreamedBody | None, scope: Scope, receive: Receive, send: Send
+) -> None:
+    if body is not None and not body.done:
+        # The upload still owns ``receive``: relay without watching for a disconnect (the
+        # deadline bounds it).
+        await _send_stream_plain(answer, send)
+        return
+    # Litestar's streaming response, which also stops relaying when the caller goes away.
+    stream = Stream(answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer))
+    request: Request[Any, Any, Any] = Request(scope, receive, send)
+    asgi = stream.to_asgi_response(app=None, request=request, is_head_response=scope["method"] == "HEAD")
+    await asgi(scope, receive, send)
 
 
 async def _request_call(services: Services, scope: Scope, receive: Receive, ident: str) -> proxy.Call:
@@ -288,9 +303,16 @@ async def _send_whole(answer: proxy.Answer, send: Send) -> None:
     await send({"type": "http.response.body", "body": content, "more_body": False})
 
 
-async def _send_headers_only(answer: proxy.Answer, send: Send) -> None:
-    """No body (HEAD, 204, 304): the upstream's headers, its Content-Length included, as they are."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+async def _send_headers_only(answer: proxy.Answer, head_request: bool, send: Send) -> None:
+    """No body (HEAD, 204, 304): the upstream's headers as they are. Its Content-Length (the size
+    of a body it did not send) only in the answer to a caller's own HEAD: after a 204 or 304, or
+    when ``POST /request`` asked for a HEAD, it would promise bytes that never come."""
+    keep_length = head_request and answer.status not in (204, 304)
+    headers = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in answer.headers.items()
+        if keep_length or k != "content-length"
+    ]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 

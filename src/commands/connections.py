@@ -126,7 +126,7 @@ class Credentials:
     """What the proxy injects for one request (plaintext: memory only)."""
 
     auth_type: str
-    values: Mapping[str, str]  # access_token | api_key | username+password | bearer_token
+    values: Mapping[str, str] = field(repr=False)  # access_token | api_key | username+password | bearer_token
     connection_id: UUID | None
     generation: int
     expires_at: datetime | None = None  # the access token's expiry (oauth2)

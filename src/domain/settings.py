@@ -54,8 +54,10 @@ CONNECTION_REF = re.compile(r"\$connection\.([A-Za-z_][A-Za-z0-9_]{0,63})")
 CONNECTION_REF_PREFIX = "$connection."
 # ``apiBaseUriHosts``: the hosts such a URL may name, exact (``api.example.com``) or one wildcard
 # label deep and more (``*.my.salesforce.com``).
+# The last label of a name starts with a letter, so no pattern (``*.0.0.1``) can match an IP literal.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-HOST_PATTERN = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})+|{_LABEL}|\d{{1,3}}(?:\.\d{{1,3}}){{3}}")
+_LAST = r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_PATTERN = re.compile(rf"(?:\*\.)?(?:{_LABEL}\.)+{_LAST}|{_LAST}|\d{{1,3}}(?:\.\d{{1,3}}){{3}}")
 MAX_HOST_PATTERNS = 20
 # Headers the service owns on the outbound request; a template may not set them.
 RESERVED_HEADERS = frozenset(

@@ -317,6 +317,8 @@ class _Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if status == 101:
             raise httpx.RemoteProtocolError("the upstream switched protocols")
+        if status >= 600:  # three digits, but no status HTTP defines (nor an ASGI server can send)
+            raise httpx.RemoteProtocolError("the upstream answered with an undefined status")
         if status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._interim = True
             self._headers = UpstreamHeaders()
@@ -334,8 +336,10 @@ class _Connection(asyncio.Protocol):
         if self._head_only:
             self._message_complete()  # released (or closed) once the segment is parsed
         elif status not in (204, 304) and headers.get("content-length") is None:
+            # Chunked framing only when chunked is the last coding (RFC 9112 §6.3); otherwise the
+            # body ends with the connection.
             encoding = headers.get("transfer-encoding")
-            self._until_close = encoding is None or "chunked" not in encoding.lower()
+            self._until_close = encoding is None or encoding.rsplit(",", 1)[-1].strip().lower() != "chunked"
 
     def on_body(self, body: bytes) -> None:
         response = self._response
@@ -550,6 +554,12 @@ class GuardedUpstream:
         host = target.raw_host
         if scheme not in ("http", "https") or not host:
             raise httpx.UnsupportedProtocol("only absolute http(s) URLs")
+        if not host.isascii():  # an internationalised name: DNS, TLS and Host use its ASCII form
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise httpx.UnsupportedProtocol("the host is not a valid internationalised name") from None
+            target = target.with_host(host)
         port = target.explicit_port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
         length, head = self._head(method, target, headers, content)
@@ -617,7 +627,12 @@ class GuardedUpstream:
         breaks = len(lines)
         if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text or " " in target:
             raise httpx.LocalProtocolError("a request header or the target holds a line break or NUL")
-        return length, text.encode("utf-8")
+        try:
+            # Header values are bytes on the wire; ASGI hands the caller's over as latin-1 text,
+            # so latin-1 sends every byte back as it came (RFC 9110 obs-text included).
+            return length, text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise httpx.LocalProtocolError("a request header holds characters beyond Latin-1") from None
 
     # -- the pool -------------------------------------------------------------------------------
 
@@ -702,6 +717,10 @@ class GuardedUpstream:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled in the same turn: pass the room on
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()
@@ -714,6 +733,7 @@ class GuardedUpstream:
         if pooled is not None:
             return pooled
         self._connecting += 1
+        connected = False
         try:
             addresses = await self._addresses(host, port)
             loop = asyncio.get_running_loop()
@@ -737,11 +757,14 @@ class GuardedUpstream:
                         conn.close()
                         raise httpx.ConnectError("the client is closing")
                     self._open.add(conn)
+                    connected = True
                     return conn
             assert error is not None
             raise error
         finally:
             self._connecting -= 1
+            if not connected and self._waiters:
+                self._wake_one()  # failed or cancelled: the room this attempt held is free again
 
     async def _addresses(self, host: str, port: int) -> list[str]:
         """Checked addresses to connect to: a literal's own (checked on every request), or a
@@ -757,6 +780,8 @@ class GuardedUpstream:
             answers = await anyio.to_thread.run_sync(self._resolver, host, port, abandon_on_cancel=True)
         except OSError as exc:  # a network failure, not a refusal
             raise httpx.ConnectError(f"cannot resolve {host!r}: {exc.strerror or type(exc).__name__}") from None
+        except UnicodeError:  # an empty or over-long label: no name to look up
+            raise httpx.ConnectError(f"cannot resolve {host!r}: not a valid host name") from None
         addresses = self._policy.check_resolved(host, answers)
         if len(self._dns) >= 4096:
             self._dns.clear()

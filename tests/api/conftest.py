@@ -15,20 +15,25 @@ from infrastructure.settings import Settings
 ADMIN_TOKEN = "admin-test-token-0123456789abcdef"
 
 
-class ConsistentClient(TestClient[Any]):
-    """One client session: it forwards the highest ``X-Event-Position`` it has seen, as a real
-    client does to read its own writes consistently across principals and processes."""
+class ForwardsPosition:
+    """A client session that forwards the highest ``X-Event-Position`` it has seen, as a real
+    client does to read its own writes consistently across principals and processes. Mixed into
+    an ``httpx.Client`` (a real socket) or Litestar's ``TestClient`` (in-process)."""
 
     position: int = 0
 
-    def request(self, method: str, url: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
         headers = dict(kwargs.pop("headers", None) or {})
         if self.position and "X-Wait-For-Position" not in headers:
             headers["X-Wait-For-Position"] = str(self.position)
-        response = super().request(method, url, headers=headers, **kwargs)
+        response = super().request(method, url, headers=headers, **kwargs)  # type: ignore[misc]
         if response.headers.get("X-Event-Position"):
             self.position = max(self.position, int(response.headers["X-Event-Position"]))
         return response
+
+
+class ConsistentClient(ForwardsPosition, TestClient[Any]):
+    """Litestar's in-process test client, forwarding event positions."""
 
 
 @dataclass

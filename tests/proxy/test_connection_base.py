@@ -131,8 +131,9 @@ def test_path_attacks_are_refused_before_any_credential(api: Api, oauth_server: 
         ({"apiBaseUri": REF, "apiBaseUriHosts": ["*.com"]}, "apiBaseUriHosts.0"),
         ({"apiBaseUri": REF, "apiBaseUriHosts": ["ok.example", "Bad.Example"]}, "apiBaseUriHosts.1"),
         ({"apiBaseUri": REF, "apiBaseUriHosts": ["a b.example"]}, "apiBaseUriHosts.0"),
+        ({"apiBaseUri": REF, "apiBaseUriHosts": ["*.0.0.1"]}, "apiBaseUriHosts.0"),  # would match 127.0.0.1
     ],
-    ids=["not-oauth2", "no-field", "bad-field", "dotted-field", "tld-wildcard", "upper-case", "space"],
+    ids=["not-oauth2", "no-field", "bad-field", "dotted-field", "tld-wildcard", "upper-case", "space", "numeric"],
 )
 def test_references_and_host_lists_are_checked_when_saved(
     api: Api, oauth_server: OAuthServer, fields: dict[str, object], where: str
@@ -185,3 +186,10 @@ def test_connection_events_written_before_the_field_existed_still_load(api: Api)
     for event in events:
         rebuilt = event.mutate(rebuilt)
     assert rebuilt is not None and rebuilt.metadata == {}
+
+
+def test_credentials_never_show_their_values() -> None:
+    from commands.connections import Credentials
+
+    creds = Credentials("oauth2", {"access_token": "at-very-secret"}, UUID(int=1), 3, None, {"instance_url": "x"})
+    assert "at-very-secret" not in repr(creds) and "at-very-secret" not in str(creds)

@@ -250,6 +250,10 @@ def test_header_hygiene_both_ways(api: Api, upstream: Upstream) -> None:
             "X-Drop-Me": "1",
             "X-API-Key": "caller-supplied",
             "X-Keep": "yes",
+            "X-HTTP-Method-Override": "DELETE",
+            "X-Method-Override": "DELETE",
+            "X-Original-URL": "/admin",
+            "X-Rewrite-URL": "/admin",
         },
     )
     assert r.status_code == 200, r.text
@@ -263,6 +267,10 @@ def test_header_hygiene_both_ways(api: Api, upstream: Upstream) -> None:
         "proxy-authorization",
         "x-drop-me",
         "authorization",
+        "x-http-method-override",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
     ):
         assert not got.has(name), name
     assert got.header("x-api-key") == SECRET  # the integration's credential wins
@@ -275,6 +283,10 @@ def test_header_hygiene_both_ways(api: Api, upstream: Upstream) -> None:
         "access-control-allow-origin",
         "access-control-allow-credentials",
         "alt-svc",
+        "strict-transport-security",
+        "service-worker-allowed",
+        "cross-origin-opener-policy",
+        "permissions-policy",
     ):
         assert name not in r.headers, name
     assert r.headers["x-upstream"] == "kept" and r.headers["cache-control"] == "private, max-age=60"
