@@ -126,6 +126,9 @@ def raw_proxy_target(scope: Scope) -> str:
     raw = scope.get("raw_path") or scope["path"].encode()
     text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
     text = text.partition("?")[0]  # some servers (httpx's ASGI transport) leave the query in raw_path
+    root = scope.get("root_path") or ""
+    if root and text.startswith(root):  # served under a prefix: the path after it
+        text = text[len(root) :]
     parts = text.split("/", 4)  # "", "api", "integrations", <ident>, "proxy/<rest>"
     if len(parts) < 5 or not (parts[4] == "proxy" or parts[4].startswith("proxy/")):
         raise PathRejected("the request path is malformed")
@@ -149,6 +152,8 @@ def proxy_route(scope: Scope) -> tuple[str, str] | None:
     same requests Litestar's router sends to the two routes of ``api.controllers.proxy``, plus the
     methods it would refuse under ``/proxy`` with a 405 (they get the proxy's 400, PX-2)."""
     path: str = scope["path"]
+    if root := scope.get("root_path"):  # served under a prefix: routed on the rest, as Litestar does
+        path = path.split(root, maxsplit=1)[-1]
     if "//" in path or path.endswith("/"):
         # Litestar routes on the path with repeated slashes collapsed and the trailing ones
         # stripped (``litestar.utils.normalize_path``): ``.../x//request/`` reaches ``/request``.

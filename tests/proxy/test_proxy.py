@@ -418,3 +418,23 @@ def test_every_spelling_litestar_routes_to_the_proxy_is_served_by_the_front_door
         assert upstream.last().target == "/v1/"
     r = api.client.get(f"/api/integrations/{iid}//proxy/echo/y", headers=alice)
     assert r.status_code == 400 and r.json()["statusCode"] == 400  # the raw path is malformed: refused
+
+
+def test_the_front_door_serves_under_a_root_path(api: Api, upstream: Upstream) -> None:
+    """Mounted under a prefix (ASGI ``root_path``), Litestar routes on the path after it; so does
+    the front door, and the raw target is read after it too."""
+    from litestar.testing import TestClient
+
+    alice = api.user("alice")
+    iid = apikey(api, alice, upstream)["id"]
+    app = api.client.app
+    with TestClient(app=app, root_path="/svc", base_url="http://127.0.0.1:8000") as client:
+        position = {"X-Wait-For-Position": str(api.client.position)}
+        r = client.get(f"/svc/api/integrations/{iid}/proxy/echo/a%2Fb", headers={**alice, **position})
+        assert r.status_code == 400, r.text  # the raw target was read (an encoded slash is refused)
+        r = client.get(f"/svc/api/integrations/{iid}/proxy/echo/z?q=1", headers={**alice, **position})
+        assert r.status_code == 200, r.text
+        assert upstream.last().target == "/v1/echo/z?q=1"
+        r = client.post(f"/svc/api/integrations/{iid}/request/", json={"url": "echo/w"}, headers={**alice, **position})
+        assert r.status_code == 200, r.text
+        assert upstream.last().target == "/v1/echo/w"
