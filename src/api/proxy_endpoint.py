@@ -107,6 +107,7 @@ class _StreamedBody:
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.done = False
+        self.ended = asyncio.Event()  # set with ``done``: ``receive`` is free for someone else
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while not self.done:
@@ -114,6 +115,8 @@ class _StreamedBody:
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             self.done = not message.get("more_body", False)
+            if self.done:
+                self.ended.set()
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk
@@ -225,9 +228,7 @@ async def _send_stream(
     answer: proxy.Answer, body: _StreamedBody | None, scope: Scope, receive: Receive, send: Send
 ) -> None:
     if body is not None and not body.done:
-        # The upload still owns ``receive``: relay without watching for a disconnect (the
-        # deadline bounds it).
-        await _send_stream_plain(answer, send)
+        await _send_stream_plain(answer, body, receive, send)
         return
     # Litestar's streaming response, which also stops relaying when the caller goes away.
     stream = Stream(answer.stream, status_code=answer.status, headers=answer.headers, media_type=_media_type(answer))
@@ -322,15 +323,40 @@ async def _send_headers_only(answer: proxy.Answer, head_request: bool, send: Sen
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _send_stream_plain(answer: proxy.Answer, send: Send) -> None:
+async def _send_stream_plain(answer: proxy.Answer, body: _StreamedBody, receive: Receive, send: Send) -> None:
+    """The relay of an answer that came while the upload still owns ``receive``. Once the upload
+    has ended, a watcher takes ``receive`` over and ends the relay when the caller goes away (the
+    ASGI server drops what is sent to a gone caller without a word). A caller gone during the
+    upload ends it too. Either way nothing is left to answer, and nothing is logged."""
     iterator = answer.stream
     assert iterator is not None
+    gone = False
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch() -> None:
+        nonlocal gone
+        await body.ended.wait()  # the upload owns ``receive`` until it has ended
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        if answer.close is not None:
+            answer.close()  # the relay's next read fails at once
+
     try:
+        watcher = asyncio.get_running_loop().create_task(watch())
         await send({"type": "http.response.start", "status": answer.status, "headers": _encoded(answer)})
         async for chunk in iterator:
+            if gone:
+                return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception as exc:
+        if gone or isinstance(exc, ClientDisconnected):
+            return
+        raise
     finally:
+        if watcher is not None:
+            watcher.cancel()
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -209,6 +209,7 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._eof = False
         self.reused = False  # served a request before the current one
         self.idle_since = 0.0
         # the current exchange
@@ -266,6 +267,18 @@ class _Connection(asyncio.Protocol):
                 self._protocol_error("the answer's headers are larger than allowed")
 
     def eof_received(self) -> bool:
+        # The peer's orderly end: a FIN, or over TLS its close_notify. Only after it may a body
+        # framed by the close count as whole; a bare FIN under TLS may be a truncation (RFC 8446
+        # §6.1). asyncio's TLS layer calls this after either, so ask the TLS object: after a
+        # close_notify a read ends cleanly (b""), after a bare FIN it wants more data.
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            self._eof = True
+        else:
+            try:
+                self._eof = ssl_object.read(1) == b""
+            except ssl.SSLError:
+                self._eof = False
         return False  # close; connection_lost decides whether the answer was whole
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -274,8 +287,10 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if not self._complete:
             self._complete = True
-            if response is not None and self._until_close and exc is None:
-                response._finish()  # the body was "until the connection closes", and it did
+            if response is not None and self._until_close and exc is None and self._eof:
+                # The body was "until the connection closes", and it was closed in order (over
+                # TLS: with close_notify; a bare FIN could be a truncation attack, RFC 8446 §6.1).
+                response._finish()
             else:
                 error = httpx.ReadError(
                     "the upstream closed the connection"

@@ -127,7 +127,7 @@ def _raw_request(port: int, head: str) -> socket.socket:
     return sock
 
 
-def _read_head(sock: socket.socket) -> bytes:
+def read_head(sock: socket.socket) -> bytes:
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
@@ -214,10 +214,10 @@ def test_a_304_with_content_length_keeps_the_callers_connection(live) -> None:
         )
         sock = _raw_request(port, request)
         with sock:
-            head = _read_head(sock)
+            head = read_head(sock)
             assert head.startswith(b"HTTP/1.1 304"), head
             sock.sendall(request.encode())  # the same keep-alive connection, once more
-            again = _read_head(sock)
+            again = read_head(sock)
             assert again.startswith(b"HTTP/1.1 304"), f"the connection was dropped after the 304: {again!r}"
 
 
@@ -279,6 +279,6 @@ def test_obs_text_in_a_header_value_reaches_the_upstream_unchanged(live, upstrea
         "X-Opaque: caf\xe9\r\nConnection: close\r\n\r\n",  # sent as latin-1: the single byte 0xE9
     )
     with sock:
-        assert _read_head(sock).startswith(b"HTTP/1.1 200")
+        assert read_head(sock).startswith(b"HTTP/1.1 200")
     # http.server reads header bytes as latin-1: one character per byte
     assert upstream.last().header("x-opaque") == "caf\xe9", repr(upstream.last().header("x-opaque"))
