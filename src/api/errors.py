@@ -84,7 +84,7 @@ def _validation_details(exc: ValidationException) -> list[dict[str, str]]:
     return details
 
 
-def http_error_handler(request: Request, exc: HTTPException) -> Response:
+def http_error_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, ValidationException):
         message = _body_message(str(exc.detail))

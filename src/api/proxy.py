@@ -289,7 +289,7 @@ class Target:
         self.params = params
         self.field = field
         self.hosts = hosts
-        self.policy = policy or UrlPolicy()
+        self.policy = policy or _NO_HTTP
 
     def resolve(self, creds: Any) -> yarl.URL:
         if self.url is not None:
@@ -316,6 +316,7 @@ class Target:
 # Path rules are checked against this before any credential is opened when the real base is the
 # connection's; the real base is checked again when it is known.
 _NEUTRAL_BASE = "https://connection.invalid/"
+_NO_HTTP = UrlPolicy()
 
 
 class BaseUnusable(ValidationFailed):
@@ -461,6 +462,12 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
             if user_cap:
                 bulkhead.leave(actor.id)
 
+    def close() -> None:
+        """Frees the slots and the upstream connection (an answer not read to its end takes its
+        connection along); idempotent."""
+        release()
+        response.abandon()
+
     try:
         try:
             # One timer for the whole exchange up to the answer's body (or its first byte, when it
@@ -479,8 +486,7 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
                 if method == "HEAD" or response.status_code < 200 or response.status_code in (204, 304):
                     # No body follows (RFC 9110 §6.4.1): the headers go back as they are, the
                     # upstream's Content-Length included, and the slot and connection are freed now.
-                    release()
-                    await response.aclose()
+                    close()
                     return Answer(response.status_code, out_headers, None)
                 if length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES:
                     # A small body with a declared length (most API answers) is read here and sent
@@ -490,8 +496,7 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
                     try:
                         content = await _read_small(response)
                     finally:
-                        release()
-                        await response.aclose()
+                        close()
                     out_headers.pop("content-length", None)  # set from the body
                     return Answer(response.status_code, out_headers, content)
         except TimeoutError:
@@ -500,12 +505,7 @@ async def forward(services: Services, actor: Actor, call: Call) -> Answer:
         release()
         raise
 
-    def close() -> None:
-        release()
-        response.abandon()
-
-    stream = _relay(response, deadline, size_cap, release)
-    return Answer(response.status_code, out_headers, None, stream, deadline, close)
+    return Answer(response.status_code, out_headers, None, _relay(response, size_cap, close), deadline, close)
 
 
 # The loader reads an integration whatever its shares say; the caller's own access is checked on
@@ -633,21 +633,19 @@ async def _read_small(response: Any) -> bytes:
         raise ApiError(502, "The upstream could not be reached.", code="upstream_unreachable") from None
 
 
-async def _relay(response: Any, deadline: float, size_cap: int, release: Any) -> AsyncIterator[bytes]:
-    """The body as the upstream sent it, under the same deadline and size cap. Past the headers
-    an error can only cut the stream: it raises, so the caller sees a broken response, never a
+async def _relay(response: Any, size_cap: int, close: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The body as the upstream sent it, under the size cap; the overall deadline bounds the whole
+    relay where it is sent (``api.proxy_endpoint``, with ``Answer.deadline``). Past the headers an
+    error can only cut the stream: it raises, so the caller sees a broken response, never a
     silently truncated one."""
     sent = 0
     chunks = response.aiter_raw()
     try:
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks)
+                chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
-            except TimeoutError:
-                raise UpstreamAborted("deadline exceeded while streaming the upstream body") from None
             except httpx.TransportError as e:
                 raise UpstreamAborted(f"upstream failed while streaming: {type(e).__name__}") from None
             sent += len(chunk)
@@ -655,8 +653,7 @@ async def _relay(response: Any, deadline: float, size_cap: int, release: Any) ->
                 raise UpstreamAborted("the upstream body exceeded the size cap")
             yield chunk
     finally:
-        release()
-        await response.aclose()
+        close()
 
 
 class UpstreamAborted(Exception):

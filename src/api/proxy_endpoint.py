@@ -195,8 +195,9 @@ async def serve(app: Litestar, kind: str, ident: str, scope: Scope, receive: Rec
             raise AnswerCut("the answer was cut after it started") from exc
         if isinstance(exc, TimeoutError):  # the deadline, before anything went out
             exc = ApiError(504, "The upstream did not answer in time.", code="upstream_timeout")
-        response = error_response(Request(scope, receive, send), exc)
-        await response.to_asgi_response(app=None, request=Request(scope, receive, send))(scope, receive, send)
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
+        response = error_response(request, exc)
+        await response.to_asgi_response(app=None, request=request)(scope, receive, send)
 
 
 async def _serve(services: Services, kind: str, ident: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -331,7 +332,6 @@ async def _send_stream_plain(answer: proxy.Answer, body: _StreamedBody, receive:
     iterator = answer.stream
     assert iterator is not None
     gone = False
-    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -342,8 +342,8 @@ async def _send_stream_plain(answer: proxy.Answer, body: _StreamedBody, receive:
         if answer.close is not None:
             answer.close()  # the relay's next read fails at once
 
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        watcher = asyncio.get_running_loop().create_task(watch())
         await send({"type": "http.response.start", "status": answer.status, "headers": _encoded(answer)})
         async for chunk in iterator:
             if gone:
@@ -355,8 +355,7 @@ async def _send_stream_plain(answer: proxy.Answer, body: _StreamedBody, receive:
             return
         raise
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -402,7 +402,7 @@ class Connections:
             token_expires_at=tokens.expires_at.isoformat(),
             account=account,
             pending=pending,
-            metadata=_metadata(integration, tokens) or {},
+            metadata=_metadata(integration, tokens),
         )
 
     def _seal(self, integration_id: UUID, cid: UUID, values: Mapping[str, str]) -> dict[str, dict[str, str]]:

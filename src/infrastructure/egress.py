@@ -311,14 +311,34 @@ def system_resolver(host: str, port: int) -> list[str]:
     return seen
 
 
+def _unresolvable(host: str, exc: Exception) -> str:
+    """Why ``host`` could not be resolved: a network failure (``OSError``) or a name with an empty
+    or over-long label (``UnicodeError`` from the IDNA codec); not a refusal either way."""
+    if isinstance(exc, UnicodeError):
+        return f"cannot resolve {host!r}: not a valid host name"
+    return f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+
+
 def _resolve_sync(policy: EgressPolicy, resolver: Resolver, host: str, port: int) -> list[str]:
     literal = policy.literal_addresses(host)
     if literal is not None:
         return literal
     try:
         answers = resolver(host, port)
-    except OSError as exc:  # socket.gaierror and friends: a network failure, not a refusal
-        raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc.strerror or type(exc).__name__}") from None
+    except (OSError, UnicodeError) as exc:
+        raise httpcore.ConnectError(_unresolvable(host, exc)) from None
+    return policy.check_resolved(host, answers)
+
+
+async def resolve_name(
+    policy: EgressPolicy, resolver: Resolver, host: str, port: int, error: type[Exception]
+) -> list[str]:
+    """The checked addresses of the name ``host`` (not a literal), resolved once in a worker
+    thread; ``error`` (the caller's connect-error type) when it cannot be resolved."""
+    try:
+        answers = await anyio.to_thread.run_sync(resolver, host, port, abandon_on_cancel=True)
+    except (OSError, UnicodeError) as exc:
+        raise error(_unresolvable(host, exc)) from None
     return policy.check_resolved(host, answers)
 
 
@@ -344,12 +364,9 @@ class GuardedAsyncBackend(httpcore.AsyncNetworkBackend):
             return literal
         try:
             with anyio.fail_after(timeout):
-                answers = await anyio.to_thread.run_sync(self._resolver, host, port, abandon_on_cancel=True)
+                return await resolve_name(self._policy, self._resolver, host, port, httpcore.ConnectError)
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc.strerror or type(exc).__name__}") from None
-        return self._policy.check_resolved(host, answers)
 
     async def connect_tcp(
         self,

@@ -33,16 +33,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from typing import Any
 
-import anyio.to_thread
 import httptools
 import httpx
 import yarl
 
-from infrastructure.egress import DEFAULT_LIMITS, EgressPolicy, Resolver, ssl_context, system_resolver
+from infrastructure.egress import DEFAULT_LIMITS, EgressPolicy, Resolver, resolve_name, ssl_context, system_resolver
 
 HIGH_WATER = 256 * 1024  # buffered answer bytes above which reading from the upstream pauses
 LOW_WATER = 64 * 1024
@@ -82,18 +81,8 @@ class UpstreamHeaders:
                 return self._items[i][1]
         return default
 
-    def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [self._items[i][1] for i, lower in enumerate(self._lower) if lower == name]
-
     def items(self) -> list[tuple[str, str]]:
         return list(self._items)
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def __repr__(self) -> str:  # names only: values may be secrets of the upstream's
         return f"UpstreamHeaders({[name for name, _ in self._items]!r})"
@@ -215,7 +204,6 @@ class _Connection(asyncio.Protocol):
         # the current exchange
         self._parser: Any = None
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._status = 0
         self._headers = UpstreamHeaders()
         self._response: UpstreamResponse | None = None
         self._head_only = False  # a HEAD: the answer ends with its headers
@@ -791,13 +779,7 @@ class GuardedUpstream:
         cached = self._dns.get((host, port))
         if cached is not None and cached[0] > loop.time():
             return cached[1]
-        try:
-            answers = await anyio.to_thread.run_sync(self._resolver, host, port, abandon_on_cancel=True)
-        except OSError as exc:  # a network failure, not a refusal
-            raise httpx.ConnectError(f"cannot resolve {host!r}: {exc.strerror or type(exc).__name__}") from None
-        except UnicodeError:  # an empty or over-long label: no name to look up
-            raise httpx.ConnectError(f"cannot resolve {host!r}: not a valid host name") from None
-        addresses = self._policy.check_resolved(host, answers)
+        addresses = await resolve_name(self._policy, self._resolver, host, port, httpx.ConnectError)
         if len(self._dns) >= 4096:
             self._dns.clear()
         self._dns[(host, port)] = (loop.time() + DNS_TTL, addresses)
